@@ -1,0 +1,160 @@
+"""The command line. The only place that turns errors into messages and exit codes.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+
+from ckptd import __version__
+from ckptd.config import DEFAULT_CONFIG_PATH, Config, load_config
+from ckptd.errors import CkptdError, ConfigError
+from ckptd.journal import Journal
+
+__all__ = ["main"]
+
+log = logging.getLogger("ckptd")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+_COMMANDS = ("run", "check", "status")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Watch checkpoint directories and publish finished checkpoints to W&B.",
+    )
+    parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", "-c", type=Path, default=None,
+            help=f"YAML config file (default: the embedded {DEFAULT_CONFIG_PATH.name}: "
+            "offline mode, watching ./checkpoints)",
+        )  # fmt: skip
+
+    run = commands.add_parser("run", help="run the daemon in the foreground (the default)")
+    config_arg(run)
+    run.add_argument(
+        "--once", action="store_true",
+        help="publish what is finished, wait until it has landed, and exit",
+    )  # fmt: skip
+    check = commands.add_parser("check", help="validate the config; exit 0 or print errors, exit 2")
+    config_arg(check)
+    status = commands.add_parser("status", help="journal summary per collection")
+    config_arg(status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # `ckptd --config FILE [--once]` is `ckptd run --config FILE [--once]`.
+    if not any(a in _COMMANDS for a in args_list) and not {"-h", "--help", "--version"} & set(
+        args_list
+    ):
+        args_list.insert(0, "run")
+    args = _parser().parse_args(args_list)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ckptd: invalid configuration {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "check":
+            print(f"{args.config or DEFAULT_CONFIG_PATH}: OK ({len(config.watch)} watch entries)")
+            return EXIT_OK
+        if args.command == "status":
+            return _status(config)
+        return _run(config, once=args.once)
+    except CkptdError as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(config: Config, *, once: bool) -> int:
+    from ckptd.logs import setup_logging
+    from ckptd.service import Service
+    from ckptd.sinks.wandb import WandbSink, read_api_key
+
+    api_key = read_api_key(config)
+    setup_logging(config.log.format, config.log.level, [api_key or ""])
+    if config.wandb.mode == "online" and not api_key:
+        raise CkptdError(
+            "wandb.mode is online but no API key was found: set wandb.api_key_file or "
+            "WANDB_API_KEY (or use mode: offline)"
+        )
+    stop = threading.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            os.write(2, b"ckptd: second signal, aborting now; pending work stays queued\n")
+            os._exit(EXIT_FAILURE)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    service = Service(config, lambda c: WandbSink(c, api_key))
+    try:
+        service.start()
+        if stop.is_set():
+            return EXIT_OK
+        succeeded = service.run(stop, once=once)
+        if once and not succeeded:
+            for problem in service.problems():
+                log.error("not published: %s", problem)
+            return EXIT_FAILURE
+        if stop.is_set():
+            log.info("signal received: stopping (a second signal aborts at once)")
+        return EXIT_OK
+    finally:
+        service.shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _status(config: Config) -> int:
+    journal = Journal(config.state_dir)
+    if not journal.path.exists():
+        print(f"no journal in {config.state_dir} yet: nothing detected")
+        return EXIT_OK
+    journal.open(exclusive=False)
+    try:
+        rows = journal.rows()
+        parked = journal.parked()
+    finally:
+        journal.close()
+    collections = sorted(
+        {r.collection for r in rows} | set(parked) | {w.artifact for w in config.watch}
+    )
+    for collection in collections:
+        mine = [r for r in rows if r.collection == collection]
+        counts = Counter(r.state for r in mine)
+        published = [r for r in mine if r.state in ("published", "aliased")]
+        last = max(published, key=lambda r: r.updated_at, default=None)
+        print(
+            f"{collection}: {counts['aliased'] + counts['published']} published, "
+            f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
+            f"{counts['superseded']} superseded"
+            + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
+        )
+        if collection in parked:
+            reason, _ = parked[collection]
+            print(f"  PARKED: {reason}")
+        for row in mine:
+            if row.state in ("ready", "hashed", "failed") and row.last_error:
+                print(f"  {row.state} {row.relpath} (step {row.step}): {row.last_error}")
+    return EXIT_OK

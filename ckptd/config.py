@@ -1,0 +1,434 @@
+"""The configuration contract: one frozen pydantic tree, loaded from YAML.
+
+Defaults live only in these models. Loading does `${VAR}` interpolation on the raw YAML,
+resolves relative paths against the config file's directory, and turns every validation
+problem into one line that names the key path, the rule and the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ckptd.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "AliasConfig",
+    "BestRule",
+    "Config",
+    "LocalRetention",
+    "RemoteRetention",
+    "Size",
+    "WatchConfig",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.example.yaml")
+
+Format = Literal[
+    "auto", "file", "hf-trainer", "lightning", "deepspeed", "torch-dcp",
+    "orbax", "megatron", "nemo", "keras", "tensorflow",
+]  # fmt: skip
+FORMATS: tuple[str, ...] = get_args(Format)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]i?b|b|%)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, None: 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}  # fmt: skip
+# W&B's own rules: artifact names are letters, digits, '-', '_' and '.'; aliases may not
+# contain '/' or ':' (they separate entity/project/name:alias).
+_ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ALIAS = re.compile(r"^[^/:]{1,128}$")
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def parse_duration(value: object) -> float:
+    """`30s`, `5m`, `2h`, `7d`, `250ms` or a plain number of seconds, as seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s, 5m, 2h or 7d, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"expected a duration such as 30s, 5m, 2h or 7d, got {value!r}")
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+class Size(BaseModel):
+    """An amount of disk: absolute bytes, or a percentage of the filesystem."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    bytes: int | None = None
+    percent: float | None = None
+
+    def resolve(self, filesystem_bytes: int) -> int:
+        """Bytes this size stands for on a filesystem of `filesystem_bytes`."""
+        if self.percent is not None:
+            return int(filesystem_bytes * self.percent / 100)
+        return self.bytes or 0
+
+
+def parse_size(value: object) -> Size:
+    """`10GB`, `500MiB`, `10%` or a plain number of bytes."""
+    if isinstance(value, Size):
+        return value
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"expected a size such as 10GB, 500MiB or 10%, got {value!r}")
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError(f"expected a size such as 10GB, 500MiB or 10%, got {value!r}")
+    number, unit = float(match[1]), (match[2] or "").lower() or None
+    if unit == "%":
+        if not 0 <= number <= 100:
+            raise ValueError(f"a percentage must be between 0 and 100, got {value!r}")
+        return Size(percent=number)
+    return Size(bytes=int(number * _SIZE_UNITS[unit]))
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+SizeValue = Annotated[Size, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return Path(os.path.normpath(path))
+
+
+def valid_alias(alias: str) -> bool:
+    """W&B's rule for aliases: 1 to 128 characters, without '/' or ':'."""
+    return bool(_ALIAS.match(alias))
+
+
+def _check_alias(alias: str) -> str:
+    if not valid_alias(alias):
+        raise ValueError(f"an alias is 1 to 128 characters without '/' or ':', got {alias!r}")
+    return alias
+
+
+class WandbConfig(_Model):
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "ckptd-demo"
+    entity: str | None = None
+    base_url: str | None = None
+    api_key_file: Path | None = None
+
+    _resolve = field_validator("api_key_file")(
+        lambda v, info: None if v is None else _resolve_path(v, info)
+    )
+
+
+class RetryConfig(_Model):
+    initial_delay: Duration = 2.0
+    max_delay: Duration = 300.0
+    give_up_after: Duration = 7 * 86400.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryConfig:
+        if self.max_delay < self.initial_delay:
+            raise ValueError(
+                f"max_delay ({self.max_delay:g}s) is shorter than initial_delay "
+                f"({self.initial_delay:g}s)"
+            )
+        return self
+
+
+class UploadConfig(_Model):
+    workers: int = Field(4, ge=1, le=64)
+    retry: RetryConfig = RetryConfig()
+    shutdown_timeout: Duration = 60.0
+
+
+class SidecarConfig(_Model):
+    wait: Duration = 30.0
+
+
+class BestRule(_Model):
+    metric: str = Field(min_length=1)
+    mode: Literal["min", "max"] = "min"
+    alias: str | None = None
+    min_delta: float = Field(0.0, ge=0)
+
+    _alias = field_validator("alias")(lambda v: None if v is None else _check_alias(v))
+
+    @property
+    def alias_name(self) -> str:
+        """The alias this rule moves: `alias`, else `best-<metric>`."""
+        return self.alias or f"best-{self.metric}"
+
+
+class AliasConfig(_Model):
+    latest: bool = True
+    templates: tuple[str, ...] = ("step-{step}",)
+    best: tuple[BestRule, ...] = ()
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_parse(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        for template in templates:
+            try:
+                template.format_map(_TemplateProbe())
+            except (ValueError, IndexError) as exc:
+                raise ValueError(f"template {template!r} does not parse: {exc}") from None
+        return templates
+
+    @model_validator(mode="after")
+    def _unique_best_aliases(self) -> AliasConfig:
+        names = [rule.alias_name for rule in self.best]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"two best rules move the same alias: {', '.join(duplicates)}")
+        return self
+
+
+class _TemplateProbe(dict[str, object]):
+    """Stands in for every template field so that only the syntax is checked."""
+
+    def __missing__(self, key: str) -> object:
+        return 0
+
+
+class RemoteRetention(_Model):
+    keep_last: int | None = Field(5, ge=1)
+    protect: tuple[str, ...] = ("latest", "best*", "production", "staging")
+    keep_every: int | None = Field(None, ge=1)
+    ttl: Duration | None = None
+
+
+class LocalRetention(_Model):
+    delete_after_upload: bool = False
+    keep_last: int = Field(2, ge=0)
+    min_free: SizeValue | None = None
+    allow_offline: bool = False
+
+
+class RetentionConfig(_Model):
+    remote: RemoteRetention = RemoteRetention()
+    local: LocalRetention = LocalRetention()
+
+
+DEFAULT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin", "*.keras", "*.h5")
+
+
+class WatchConfig(_Model):
+    path: Path
+    artifact: str = "model-checkpoint"
+    type: str = "model"
+    format: Format = "auto"
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    recursive: bool = False
+    observer: Literal["auto", "inotify", "polling"] = "auto"
+    poll_interval: Duration = 2.0
+    rescan: Duration = 600.0
+    settle: Duration = 5.0
+    sidecar: SidecarConfig = SidecarConfig()
+    aliases: AliasConfig = AliasConfig()
+    retention: RetentionConfig = RetentionConfig()
+    description: str | None = None
+    run_path: str | None = None
+
+    _resolve = field_validator("path")(_resolve_path)
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact_name(cls, name: str) -> str:
+        if not _ARTIFACT_NAME.match(name):
+            raise ValueError(
+                f"an artifact name is 1 to 128 letters, digits, '-', '_' or '.', got {name!r}"
+            )
+        return name
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_nonempty(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        if not patterns:
+            raise ValueError("at least one pattern is needed")
+        return patterns
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _positive_poll(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError(f"must be more than 0s, got {seconds:g}s")
+        return seconds
+
+
+class MetricsConfig(_Model):
+    listen: str | None = "127.0.0.1:9480"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str | None) -> str | None:
+        if listen is None:
+            return None
+        _, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port such as 127.0.0.1:9480, got {listen!r}")
+        return listen
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """`listen` split into (host, port), or None when metrics are off."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class LogConfig(_Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Model):
+    state_dir: Path = Path(".ckptd")
+    wandb: WandbConfig = WandbConfig()
+    upload: UploadConfig = UploadConfig()
+    watch: tuple[WatchConfig, ...] = Field(min_length=1)
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    _resolve = field_validator("state_dir")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _distinct_watches(self) -> Config:
+        seen: dict[tuple[str, Path], int] = {}
+        for index, watch in enumerate(self.watch):
+            key = (watch.artifact, watch.path)
+            if key in seen:
+                raise ValueError(
+                    f"watch[{index}] repeats watch[{seen[key]}] "
+                    f"(same path {watch.path} and artifact {watch.artifact!r})"
+                )
+            seen[key] = index
+        return self
+
+
+def load_config(path: Path | str | None, env: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; raise ConfigError naming every problem.
+
+    `path=None` loads the embedded default (offline mode, watching ./checkpoints) with
+    relative paths resolved against the current directory.
+    """
+    source = DEFAULT_CONFIG_PATH if path is None else Path(path)
+    base_dir = Path.cwd() if path is None else Path(os.path.abspath(source)).parent  # noqa: PTH100 - resolve() would follow a symlinked config
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(source), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(source), [f"not valid YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(source), ["expected a mapping of keys at the top level"])
+    problems: list[str] = []
+    raw = _interpolate(raw, os.environ if env is None else env, "", problems)
+    if problems:
+        raise ConfigError(str(source), problems)
+    try:
+        return Config.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(str(source), _describe(exc, raw)) from None
+
+
+def _interpolate(node: Any, env: Any, where: str, problems: list[str]) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of the raw YAML tree."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, _join(where, k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{where}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match[1], match[2]
+        if name in env:
+            return str(env[name])
+        if default is not None:
+            return default
+        problems.append(f"{where}: environment variable {name} is not set (in {node!r})")
+        return match[0]
+
+    return _ENV_VAR.sub(substitute, node)
+
+
+def _join(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _describe(exc: ValidationError, raw: Any) -> list[str]:
+    """One line per pydantic error: `key.path: rule, got value`."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [part for part in error["loc"] if not _is_pydantic_tag(part)]
+        where = ""
+        for part in loc:
+            where = f"{where}[{part}]" if isinstance(part, int) else _join(where, part)
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{where}: unknown key{_suggest(loc, raw)}")
+        elif kind == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            message = message.replace("Input should be", "expected")
+            if "got " not in message:
+                message = f"{message}, got {error['input']!r}"
+            lines.append(f"{where or '(top level)'}: {message}")
+    return lines
+
+
+def _is_pydantic_tag(part: object) -> bool:
+    # Unions and validators add tags such as 'function-before[...]' to the location.
+    return isinstance(part, str) and ("[" in part or part in {"tuple", "list"})
+
+
+def _suggest(loc: list[Any], raw: Any) -> str:
+    """`(did you mean 'settle'?)` for an unknown key close to a known one."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return ""
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        model = inner[0] if inner else annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

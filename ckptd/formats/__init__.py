@@ -1,0 +1,159 @@
+"""Checkpoint formats: what a checkpoint unit is for each framework, and when it is finished.
+
+A format answers three questions, all cheap and free of side effects:
+- `unit_for(root, path)`: which checkpoint (a file or a directory) a changed path belongs to;
+- `scan(root)`: every candidate unit under a watched root (start-up and periodic rescans);
+- `check(unit)`: is the unit finished by the format's own rules (commit marker, structure)?
+
+The detector adds what no format knows: the settle window, rename hints and snapshots.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptd.checkpoint import CheckpointInfo, FileState, stat_files
+from ckptd.config import WatchConfig
+from ckptd.formats.checks import check_file
+
+__all__ = [
+    "CheckpointFormat",
+    "FileFormat",
+    "Verdict",
+    "format_for",
+    "is_temp_name",
+    "step_from_name",
+]
+
+# Names that are never a checkpoint: editors', rsync's and the frameworks' own temp and
+# marker names (see framework-write-patterns.md).
+_TEMP_GLOBS = (
+    ".*", "*.tmp", "*.tmp.*", "*.partial", "*~", "*.swp", "*.part",
+    "*.orbax-checkpoint-tmp*", "tmp-checkpoint-*", "checkpoint.tmp*", "*_temp",
+    "checkpoint_tmp", "*-unfinished", "todelete_subdir", "tmp*",
+)  # fmt: skip
+_SIDECAR_SUFFIX = ".metrics.json"
+_LIGHTNING_FIELD = re.compile(r"(?:^|[-_])([A-Za-z_][\w./]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
+_STEP_WORD = re.compile(r"(?:step|iter|global_step|checkpoint|ckpt)[-_=]?(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names that a writer uses before its commit (never a checkpoint)."""
+    return any(fnmatch.fnmatchcase(name, glob) for glob in _TEMP_GLOBS)
+
+
+def step_from_name(name: str) -> CheckpointInfo:
+    """What a checkpoint's name says: Lightning's `epoch=3-step=1200-val_loss=0.23.ckpt`
+    fields, else the number after step/iter/checkpoint, else the last number in the name."""
+    stem = name
+    for suffix in (".ckpt", ".pt", ".pth", ".safetensors", ".bin", ".keras", ".h5", ".nemo"):
+        stem = stem.removesuffix(suffix)
+    fields = {key: value for key, value in _LIGHTNING_FIELD.findall(stem)}
+    if fields:
+        step = fields.pop("step", None)
+        epoch = fields.pop("epoch", None)
+        return CheckpointInfo(
+            step=int(float(step)) if step is not None else None,
+            epoch=int(float(epoch)) if epoch is not None else None,
+            metrics={key: float(value) for key, value in fields.items()},
+            source="name",
+        )
+    match = _STEP_WORD.search(stem)
+    if match:
+        return CheckpointInfo(step=int(match[1]), source="name")
+    numbers = _NUMBER.findall(stem)
+    if numbers:
+        return CheckpointInfo(step=int(numbers[-1]), source="name")
+    return CheckpointInfo()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of checking a unit once.
+
+    `ready`: finished by the format's rules. `committed`: the format's own commit signal
+    (a marker, a rename) proves it finished, so no settle window is needed. `files`: what
+    to publish, as stat'ed during the check.
+    """
+
+    ready: bool
+    reason: str = ""
+    committed: bool = False
+    files: tuple[FileState, ...] = ()
+
+
+class CheckpointFormat(ABC):
+    """One framework's checkpoint layout and commit rules."""
+
+    name: str
+
+    def __init__(self, watch: WatchConfig) -> None:
+        self.watch = watch
+
+    @abstractmethod
+    def unit_for(self, root: Path, path: Path) -> Path | None:
+        """The checkpoint unit that `path` (a changed path under `root`) belongs to."""
+
+    @abstractmethod
+    def scan(self, root: Path) -> Iterator[Path]:
+        """Every candidate unit under `root`, finished or not."""
+
+    @abstractmethod
+    def check(self, unit: Path) -> Verdict:
+        """Is `unit` finished? Raises FileNotFoundError if it vanished."""
+
+    def info(self, unit: Path) -> CheckpointInfo:
+        """What the framework's own files and the name say (step, epoch, metrics)."""
+        return step_from_name(unit.name)
+
+
+class FileFormat(CheckpointFormat):
+    """Single-file checkpoints matching `patterns`: torch.save, safetensors, Keras, h5, ...
+
+    Finished when a structural check passes and either the file arrived by rename or it
+    kept its identity for the settle window (the detector's part).
+    """
+
+    name = "file"
+
+    def matches(self, name: str) -> bool:
+        if is_temp_name(name) or name.endswith(_SIDECAR_SUFFIX):
+            return False
+        return any(fnmatch.fnmatch(name, pattern) for pattern in self.watch.patterns)
+
+    def unit_for(self, root: Path, path: Path) -> Path | None:
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            return None
+        if len(relative.parts) != 1 and not self.watch.recursive:
+            return None
+        if any(is_temp_name(part) for part in relative.parts[:-1]):
+            return None
+        return path if self.matches(path.name) else None
+
+    def scan(self, root: Path) -> Iterator[Path]:
+        walker = root.rglob("*") if self.watch.recursive else root.iterdir()
+        for path in walker:
+            if self.unit_for(root, path) is not None and path.is_file():
+                yield path
+
+    def check(self, unit: Path) -> Verdict:
+        if unit.is_dir():
+            return Verdict(False, "a directory, not a checkpoint file")
+        files = stat_files(unit)
+        problem = check_file(unit)
+        if problem is not None:
+            return Verdict(False, problem, files=files)
+        return Verdict(True, files=files)
+
+
+def format_for(watch: WatchConfig) -> CheckpointFormat:
+    """The format object for a watch entry (`auto` becomes the detector of every format)."""
+    return FileFormat(watch)

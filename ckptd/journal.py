@@ -1,0 +1,408 @@
+"""The journal: every checkpoint's state, durable in one SQLite database (WAL) in state_dir.
+
+A checkpoint row moves `ready -> hashed -> published -> aliased`, or ends `superseded`
+(deleted or replaced before it could be published, or identical to a published version) or
+`failed` (with the reason). Progress lives here, never only in memory: after a crash the
+daemon resumes every row that did not reach an end state.
+
+Thread safety: one connection, guarded by `_lock`; every method is one short transaction.
+Only one process may open a state_dir (an exclusive flock on `ckptd.lock`), so any lease
+found at start-up belongs to a dead process and is taken back.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.checkpoint import CheckpointInfo, FileState
+from ckptd.errors import JournalError, StateDirLocked
+
+__all__ = ["END_STATES", "STATES", "Journal", "Row"]
+
+STATES = ("ready", "hashed", "published", "aliased", "superseded", "failed")
+END_STATES = frozenset({"aliased", "superseded", "failed"})
+_TRANSITIONS = {
+    "ready": {"hashed", "superseded", "failed"},
+    "hashed": {"published", "ready", "superseded", "failed"},
+    "published": {"aliased"},
+    "aliased": set(),
+    "superseded": set(),
+    "failed": {"ready"},
+}
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    watch_path TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    format TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    files TEXT NOT NULL,
+    info TEXT NOT NULL,
+    snapshot TEXT,
+    md5s TEXT,
+    digest TEXT,
+    version TEXT,
+    aliases TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    first_failure_at REAL,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_expires REAL,
+    detected_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (collection, watch_path, relpath, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_state ON checkpoints (collection, state, step);
+CREATE TABLE IF NOT EXISTS best (
+    collection TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    checkpoint_id INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (collection, alias)
+);
+CREATE TABLE IF NOT EXISTS parked (
+    collection TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checkpoint as the journal knows it."""
+
+    id: int
+    collection: str
+    watch_path: str
+    relpath: str
+    fingerprint: str
+    format: str
+    step: int
+    state: str
+    files: tuple[FileState, ...]
+    info: CheckpointInfo
+    snapshot: str | None
+    md5s: dict[str, str]
+    digest: str | None
+    version: str | None
+    aliases: tuple[str, ...]
+    attempts: int
+    next_attempt_at: float
+    first_failure_at: float | None
+    last_error: str | None
+    detected_at: float
+    updated_at: float
+
+    @property
+    def source(self) -> Path:
+        """Where the checkpoint lives in the watched directory."""
+        return Path(self.watch_path) / self.relpath
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+class Journal:
+    """The durable state machine of every checkpoint of one state_dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / "journal.sqlite3"
+        self.owner = f"{_boot_id()}:{os.getpid()}"
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._lockfile: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self, *, exclusive: bool = True) -> Journal:
+        """Create or open the database. `exclusive` takes the state_dir lock (the daemon);
+        readers such as `ckptd status` open without it."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                self._take_lock()
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.executescript(_SCHEMA)
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
+            )
+        except sqlite3.Error as exc:
+            self.close()
+            raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None
+        except OSError as exc:
+            self.close()
+            raise JournalError(
+                f"{self.state_dir}: cannot use the state directory: {exc.strerror or exc}"
+            ) from None
+        self._db = db
+        if exclusive:
+            self.release_stale_leases()
+        return self
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lockfile is not None:
+            os.close(self._lockfile)
+            self._lockfile = None
+
+    def __enter__(self) -> Journal:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.state_dir / "ckptd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateDirLocked(
+                f"{self.state_dir} is in use by ckptd {holder}; two daemons cannot share a "
+                "state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._lockfile = fd
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self._db is None:
+            raise JournalError(f"{self.path}: the journal is not open")
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: {exc}") from None
+
+    # -- writing ----------------------------------------------------------------------
+
+    def release_stale_leases(self) -> int:
+        """Take back every lease: this process holds the state_dir lock, so they are stale."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE checkpoints SET lease_owner = NULL, lease_expires = NULL "
+                "WHERE lease_owner IS NOT NULL"
+            ).rowcount
+
+    def add(
+        self,
+        *,
+        collection: str,
+        watch_path: Path,
+        relpath: str,
+        fingerprint: str,
+        format: str,
+        step: int | None,
+        files: Iterable[FileState],
+        info: CheckpointInfo,
+        snapshot: Path | None,
+        now: float,
+    ) -> int | None:
+        """Record a finished checkpoint as `ready`; None if this exact one is known already.
+
+        A checkpoint without a step gets the next one after the collection's highest, so
+        that detection order stands in for it.
+        """
+        with self._tx() as db:
+            if step is None:
+                (highest,) = db.execute(
+                    "SELECT MAX(step) FROM checkpoints WHERE collection = ?", (collection,)
+                ).fetchone()
+                step = 0 if highest is None else highest + 1
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO checkpoints (collection, watch_path, relpath, "
+                "fingerprint, format, step, state, files, info, snapshot, detected_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'ready', ?, ?, ?, ?, ?)",
+                (
+                    collection, str(watch_path), relpath, fingerprint, format, step,
+                    json.dumps([f.to_json() for f in files]), json.dumps(info.to_json()),
+                    None if snapshot is None else str(snapshot), now, now,
+                ),
+            )  # fmt: skip
+            return cursor.lastrowid if cursor.rowcount else None
+
+    def known(self, collection: str, watch_path: Path, relpath: str, fingerprint: str) -> bool:
+        """Is this exact checkpoint (same files, same identities) already recorded?"""
+        return bool(
+            self._query(
+                "SELECT 1 FROM checkpoints WHERE collection = ? AND watch_path = ? AND "
+                "relpath = ? AND fingerprint = ?",
+                (collection, str(watch_path), relpath, fingerprint),
+            )
+        )
+
+    def transition(self, row_id: int, to: str, now: float, **fields: Any) -> Row:
+        """Move a row to state `to`, setting `fields`; refuse transitions the machine forbids."""
+        encoded = {key: _encode(key, value) for key, value in fields.items()}
+        with self._tx() as db:
+            current = db.execute("SELECT state FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
+            if current is None:
+                raise JournalError(f"{self.path}: no checkpoint #{row_id}")
+            if to not in _TRANSITIONS[current["state"]]:
+                raise JournalError(
+                    f"{self.path}: checkpoint #{row_id} cannot go from {current['state']} to {to}"
+                )
+            assignments = ", ".join(f"{key} = ?" for key in encoded)
+            sql = "UPDATE checkpoints SET state = ?, updated_at = ?"
+            db.execute(
+                f"{sql}{', ' + assignments if assignments else ''} WHERE id = ?",
+                (to, now, *encoded.values(), row_id),
+            )
+            row = db.execute("SELECT * FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
+        return _row(row)
+
+    def update(self, row_id: int, now: float, **fields: Any) -> None:
+        """Set fields of a row without changing its state (retry bookkeeping, leases)."""
+        encoded = {key: _encode(key, value) for key, value in fields.items()}
+        assignments = ", ".join(f"{key} = ?" for key in encoded)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE checkpoints SET updated_at = ?, {assignments} WHERE id = ?",
+                (now, *encoded.values(), row_id),
+            )
+
+    def set_best(self, collection: str, alias: str, checkpoint_id: int, value: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO best VALUES (?, ?, ?, ?) ON CONFLICT (collection, alias) "
+                "DO UPDATE SET checkpoint_id = excluded.checkpoint_id, value = excluded.value",
+                (collection, alias, checkpoint_id, value),
+            )
+
+    def park(self, collection: str, reason: str, now: float) -> None:
+        """Stop publishing `collection` after a permanent error; its queue is kept."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO parked VALUES (?, ?, ?) ON CONFLICT (collection) "
+                "DO UPDATE SET reason = excluded.reason",
+                (collection, reason, now),
+            )
+
+    def unpark(self, collection: str | None = None) -> None:
+        """Let a parked collection (or every one) try again."""
+        with self._tx() as db:
+            if collection is None:
+                db.execute("DELETE FROM parked")
+            else:
+                db.execute("DELETE FROM parked WHERE collection = ?", (collection,))
+
+    # -- reading ----------------------------------------------------------------------
+
+    def parked(self) -> dict[str, tuple[str, float]]:
+        """Each parked collection: (reason, since)."""
+        rows = self._query("SELECT collection, reason, since FROM parked", ())
+        return {r["collection"]: (r["reason"], r["since"]) for r in rows}
+
+    def get(self, row_id: int) -> Row:
+        rows = self._query("SELECT * FROM checkpoints WHERE id = ?", (row_id,))
+        if not rows:
+            raise JournalError(f"{self.path}: no checkpoint #{row_id}")
+        return _row(rows[0])
+
+    def rows(self, collection: str | None = None, states: Iterable[str] = STATES) -> list[Row]:
+        """Rows in the given states, by collection then step then id."""
+        wanted = tuple(states)
+        marks = ", ".join("?" for _ in wanted)
+        sql = f"SELECT * FROM checkpoints WHERE state IN ({marks})"
+        args: tuple[Any, ...] = wanted
+        if collection is not None:
+            sql += " AND collection = ?"
+            args = (*wanted, collection)
+        return [_row(r) for r in self._query(sql + " ORDER BY collection, step, id", args)]
+
+    def best(self, collection: str) -> dict[str, tuple[int, float]]:
+        """Each best alias of a collection: (checkpoint id, metric value)."""
+        rows = self._query(
+            "SELECT alias, checkpoint_id, value FROM best WHERE collection = ?", (collection,)
+        )
+        return {r["alias"]: (r["checkpoint_id"], r["value"]) for r in rows}
+
+    def _query(self, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
+        if self._db is None:
+            raise JournalError(f"{self.path}: the journal is not open")
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: {exc}") from None
+
+
+_JSON_FIELDS = {"files", "info", "md5s", "aliases"}
+
+
+def _encode(key: str, value: Any) -> Any:
+    if key in _JSON_FIELDS and value is not None:
+        if key == "files":
+            return json.dumps([f.to_json() for f in value])
+        if key == "info":
+            return json.dumps(value.to_json())
+        return json.dumps(list(value) if key == "aliases" else value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _row(r: sqlite3.Row) -> Row:
+    return Row(
+        id=r["id"],
+        collection=r["collection"],
+        watch_path=r["watch_path"],
+        relpath=r["relpath"],
+        fingerprint=r["fingerprint"],
+        format=r["format"],
+        step=r["step"],
+        state=r["state"],
+        files=tuple(FileState.from_json(f) for f in json.loads(r["files"])),
+        info=CheckpointInfo.from_json(json.loads(r["info"])),
+        snapshot=r["snapshot"],
+        md5s=json.loads(r["md5s"]) if r["md5s"] else {},
+        digest=r["digest"],
+        version=r["version"],
+        aliases=tuple(json.loads(r["aliases"])) if r["aliases"] else (),
+        attempts=r["attempts"],
+        next_attempt_at=r["next_attempt_at"],
+        first_failure_at=r["first_failure_at"],
+        last_error=r["last_error"],
+        detected_at=r["detected_at"],
+        updated_at=r["updated_at"],
+    )

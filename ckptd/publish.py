@@ -1,0 +1,198 @@
+"""The publisher: turns one hashed journal row into a committed version with its aliases.
+
+`publish(row)` runs on a worker thread. The service never runs two publishes of the same
+collection at once and always hands over the lowest step first, so versions of a collection
+are created in step order. Everything the publisher learns goes into the journal before it
+returns; a crash between the sink's commit and the journal's update is repaired on restart
+by publishing again, which the sink deduplicates by content.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ckptd import snapshot
+from ckptd.config import Config, WatchConfig
+from ckptd.errors import PublishError
+from ckptd.journal import Journal, Row
+from ckptd.policy import AliasPlan, Candidate, plan_aliases
+from ckptd.retry import RetryPolicy
+from ckptd.sinks import PublishRequest, Sink, SinkFile
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger(__name__)
+
+_PUBLISHED = ("published", "aliased")
+
+
+class Publisher:
+    """Publishes checkpoints of every watch entry to one sink."""
+
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        sink: Sink,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.sink = sink
+        self.retry = RetryPolicy(config.upload.retry)
+        self.clock = clock
+        self._watches = {(w.artifact, str(w.path)): w for w in config.watch}
+        self._host = socket.gethostname()
+
+    def watch_of(self, row: Row) -> WatchConfig:
+        return self._watches[(row.collection, row.watch_path)]
+
+    def publish(self, row: Row) -> None:
+        """Publish `row` (state `hashed`) or record why not; never raises PublishError."""
+        watch = self.watch_of(row)
+        assert row.snapshot is not None
+        snap = Path(row.snapshot)
+        if (problem := snapshot.verify(snap, row.files)) is not None:
+            self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
+            return
+        twin = self._same_content(row)
+        if twin is not None:
+            self._supersede(row, f"same content as {twin.version or f'checkpoint #{twin.id}'}")
+            return
+        plan = self._plan(row, watch)
+        for note in plan.notes:
+            log.warning("%s: %s", row.source, note)
+        request = PublishRequest(
+            collection=row.collection,
+            type=watch.type,
+            files=tuple(
+                SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
+            ),
+            aliases=plan.aliases,
+            metadata=self._metadata(row),
+            description=row.info.description or self._description(row, watch),
+            run_path=row.info.run_path or watch.run_path,
+            ttl=watch.retention.remote.ttl,
+        )
+        try:
+            result = self.sink.publish(request)
+        except PublishError as exc:
+            self._failed(row, exc)
+            return
+        now = self.clock()
+        self.journal.transition(
+            row.id, "published", now, version=result.version, aliases=plan.aliases,
+            last_error=None, next_attempt_at=0,
+        )  # fmt: skip
+        for alias, value in plan.best.items():
+            self.journal.set_best(row.collection, alias, row.id, value)
+        if plan.repoint_latest and result.committed:
+            self._repoint_latest(row, watch)
+        self.journal.transition(row.id, "aliased", self.clock())
+        snapshot.remove(snap)
+        log.info(
+            "published %s as %s:%s (step %d, %d files, %d bytes) with aliases %s",
+            row.source, row.collection, result.version or "<offline>", row.step,
+            len(row.files), row.size, ", ".join(plan.aliases) or "none",
+        )  # fmt: skip
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _plan(self, row: Row, watch: WatchConfig) -> AliasPlan:
+        published = self.journal.rows(row.collection, _PUBLISHED)
+        highest = max((r.step for r in published), default=None)
+        best = {alias: value for alias, (_, value) in self.journal.best(row.collection).items()}
+        candidate = Candidate(row.step, row.info.epoch, row.info.metrics, row.info.aliases)
+        return plan_aliases(watch.aliases, candidate, highest, best)
+
+    def _same_content(self, row: Row) -> Row | None:
+        for other in self.journal.rows(row.collection, _PUBLISHED):
+            if other.digest == row.digest and other.id != row.id:
+                return other
+        return None
+
+    def _repoint_latest(self, row: Row, watch: WatchConfig) -> None:
+        """An older step was published last and took `latest`; give it back to the highest."""
+        published = self.journal.rows(row.collection, _PUBLISHED)
+        holder = max(published, key=lambda r: (r.step, r.id))
+        if holder.version is None:
+            return
+        try:
+            self.retry.retrying(
+                lambda: self.sink.move_alias(row.collection, watch.type, "latest", holder.version)  # type: ignore[arg-type]
+            )
+        except PublishError as exc:
+            log.error(
+                "%s: could not move 'latest' back to %s (step %d): %s",
+                row.collection, holder.version, holder.step, exc,
+            )  # fmt: skip
+
+    def _failed(self, row: Row, exc: PublishError) -> None:
+        now = self.clock()
+        attempts = row.attempts + 1
+        first = row.first_failure_at or now
+        if not exc.transient:
+            self.journal.update(row.id, now, attempts=attempts, last_error=str(exc))
+            self.journal.park(row.collection, str(exc), now)
+            log.error(
+                "%s is parked: %s. Its queue is kept; fix the cause and restart ckptd "
+                "(it also retries by itself after %.0fs)",
+                row.collection, exc, self.retry.config.max_delay,
+            )  # fmt: skip
+            return
+        if self.retry.gives_up(first, now):
+            self.journal.transition(
+                row.id, "failed", now, attempts=attempts, last_error=str(exc),
+                first_failure_at=first,
+            )  # fmt: skip
+            log.error(
+                "gave up on %s after %d attempts over %.0fs: %s (its files are kept)",
+                row.source, attempts, now - first, exc,
+            )  # fmt: skip
+            return
+        delay = self.retry.delay(attempts, exc.retry_after)
+        self.journal.update(
+            row.id, now, attempts=attempts, next_attempt_at=now + delay,
+            first_failure_at=first, last_error=str(exc),
+        )  # fmt: skip
+        if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a log line per retry
+            log.warning(
+                "publishing %s failed (attempt %d), retrying in %.1fs: %s",
+                row.source, attempts, delay, exc,
+            )  # fmt: skip
+
+    def _supersede(self, row: Row, reason: str) -> None:
+        self.journal.transition(row.id, "superseded", self.clock(), last_error=reason)
+        if row.snapshot:
+            snapshot.remove(Path(row.snapshot))
+        log.info("not publishing %s: %s", row.source, reason)
+
+    def _metadata(self, row: Row) -> dict[str, Any]:
+        info = row.info
+        return {
+            **info.metadata,
+            "step": row.step,
+            "epoch": info.epoch,
+            "metrics": info.metrics,
+            "format": row.format,
+            "source_path": str(row.source),
+            "host": self._host,
+            "files": {f.name: f.size for f in row.files},
+            "size_bytes": row.size,
+            "ckptd": {"sidecar": info.source, "detected_at": row.detected_at},
+        }
+
+    def _description(self, row: Row, watch: WatchConfig) -> str | None:
+        if watch.description is None:
+            return None
+        values = {"step": row.step, "epoch": row.info.epoch, "path": row.relpath}
+        values.update(row.info.metrics)
+        try:
+            return watch.description.format_map(values)
+        except (KeyError, ValueError, IndexError):
+            return watch.description

@@ -1,0 +1,305 @@
+"""The daemon: watcher -> detector -> journal -> hashers -> publisher, on one coordinator.
+
+`Service.run_once(now)` is one iteration of the coordinator; it does all journal-driven
+scheduling and never blocks on I/O of its own beyond stat calls. Hashing and publishing run
+on thread pools. Lifecycle: `start()` opens the journal, starts the pools and the watcher
+and schedules the start-up scan; `run(stop)` loops until `stop` is set; `shutdown()` drains
+in-flight work up to `upload.shutdown_timeout` and releases everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd import snapshot
+from ckptd.checkpoint import content_digest
+from ckptd.config import Config
+from ckptd.detect import Detector, ReadyCheckpoint
+from ckptd.errors import CheckpointChanged, JournalError
+from ckptd.hashing import md5_b64
+from ckptd.journal import Journal, Row
+from ckptd.publish import Publisher
+from ckptd.sinks import Sink
+from ckptd.watcher import Hint, Watcher
+
+__all__ = ["Service"]
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAKE = 1.0  # seconds: the longest the coordinator sleeps with nothing due
+
+
+@dataclass
+class _Hashing:
+    row: Row
+    futures: dict[str, Future[str]] = field(default_factory=dict)
+
+
+class Service:
+    """ckptd's daemon. Cheap to construct: nothing starts before `start()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        sink_factory: Callable[[Config], Sink],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.journal = Journal(config.state_dir)
+        self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.detectors = [Detector(watch) for watch in config.watch]
+        self.watcher = Watcher(config.watch, self.hints, self.wake)
+        self._sink_factory = sink_factory
+        self.sink: Sink | None = None
+        self.publisher: Publisher | None = None
+        # Owned by the coordinator thread only:
+        self._hashers: ThreadPoolExecutor | None = None
+        self._publishers: ThreadPoolExecutor | None = None
+        self._hashing: dict[int, _Hashing] = {}
+        self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
+        self._next_rescan = [0.0 for _ in config.watch]
+        self._stopping = False
+
+    @property
+    def staging(self) -> Path:
+        return self.config.state_dir / "staging"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the journal, start the pools and observers; the first iteration scans."""
+        self.journal.open()
+        self.journal.unpark()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.sink = self._sink_factory(self.config)
+        self.publisher = Publisher(self.config, self.journal, self.sink, self.clock)
+        workers = self.config.upload.workers
+        self._hashers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-hash")
+        self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
+        self._reclaim_orphan_snapshots()
+        self.watcher.start()
+        log.info(
+            "ckptd started: %d watch entr%s, state in %s, W&B %s mode",
+            len(self.config.watch), "y" if len(self.config.watch) == 1 else "ies",
+            self.config.state_dir, self.config.wandb.mode,
+        )  # fmt: skip
+
+    def run(self, stop: threading.Event, *, once: bool = False) -> bool:
+        """Iterate until `stop` is set (or, with `once`, until all finished work landed).
+
+        Returns True when nothing is left failed or parked (the `--once` exit status).
+        """
+        once_deadline = self.clock() + self._once_patience() if once else math.inf
+        while not stop.is_set():
+            now = self.clock()
+            due = self.run_once(now)
+            if once and self.idle(now, once_deadline):
+                break
+            self.wake.wait(max(0.0, min(due - self.clock(), _IDLE_WAKE)))
+            self.wake.clear()
+        return not self.problems()
+
+    def shutdown(self) -> None:
+        """Stop watching, let in-flight work finish up to shutdown_timeout, close all."""
+        self._stopping = True
+        self.watcher.stop()
+        deadline = self.clock() + self.config.upload.shutdown_timeout
+        in_flight = [
+            f
+            for f in [*self._publishing.values()]
+            + [f for h in self._hashing.values() for f in h.futures.values()]
+            if not f.done()
+        ]
+        if in_flight:
+            log.info(
+                "draining %d in-flight job(s), up to %.0fs", len(in_flight), deadline - self.clock()
+            )
+        for future in in_flight:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(Exception):  # the job recorded and logged its own failure
+                future.result(timeout=remaining)
+        pending = len(self.journal.rows(states=("ready", "hashed")))
+        for pool in (self._hashers, self._publishers):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if self.sink is not None:
+            self.sink.close()
+        self.journal.close()
+        log.info("ckptd stopped; %d checkpoint(s) pending for the next start", pending)
+
+    # -- the single step ---------------------------------------------------------------------
+
+    def run_once(self, now: float) -> float:
+        """One coordinator iteration; returns when the next one is due."""
+        self._take_hints(now)
+        for index, detector in enumerate(self.detectors):
+            if now >= self._next_rescan[index]:
+                detector.scan(now)
+                self._next_rescan[index] = now + detector.watch.rescan
+            for ready in detector.poll(now):
+                self._accept(detector, ready, now)
+        self._collect_hashes(now)
+        if not self._stopping:
+            self._schedule_hashing()
+            self._schedule_publishing(now)
+        return min(
+            min((d.next_due() for d in self.detectors), default=math.inf),
+            min(self._next_rescan, default=math.inf),
+            self._next_retry(),
+        )
+
+    def _take_hints(self, now: float) -> None:
+        while True:
+            try:
+                hint = self.hints.get_nowait()
+            except queue.Empty:
+                return
+            if hint.overflow:
+                log.warning("filesystem events were lost; rescanning every watched directory")
+                self._next_rescan = [now for _ in self._next_rescan]
+                continue
+            self.detectors[hint.watch_index].hint(hint.path, now, moved_in=hint.moved_in)
+
+    def _accept(self, detector: Detector, ready: ReadyCheckpoint, now: float) -> None:
+        """Snapshot a finished checkpoint and record it, unless the journal knows it."""
+        watch = ready.watch
+        if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
+            detector.mark_done(ready)
+            return
+        dest = self.staging / f"{watch.artifact}-{time.time_ns()}"
+        try:
+            files = snapshot.take(ready.unit, ready.files, dest)
+        except FileNotFoundError:
+            log.info("%s was deleted before it could be snapshotted (rotated away)", ready.unit)
+            detector.forget(ready.unit)
+            return
+        except CheckpointChanged as exc:
+            log.info("%s; waiting for it to settle again", exc)
+            return
+        except OSError as exc:
+            log.error("cannot snapshot %s into %s: %s; will retry", ready.unit, dest, exc)
+            return
+        try:
+            self.journal.add(
+                collection=watch.artifact, watch_path=watch.path, relpath=ready.relpath,
+                fingerprint=ready.fingerprint, format=ready.format, step=ready.info.step,
+                files=files, info=ready.info, snapshot=dest, now=now,
+            )  # fmt: skip
+        except JournalError:
+            snapshot.remove(dest)
+            raise
+        detector.mark_done(ready)
+        log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
+
+    def _schedule_hashing(self) -> None:
+        assert self._hashers is not None
+        for row in self.journal.rows(states=("ready",)):
+            if row.id in self._hashing or row.snapshot is None:
+                continue
+            job = self._hashing[row.id] = _Hashing(row)
+            for f in row.files:
+                future = self._hashers.submit(md5_b64, Path(row.snapshot) / f.name)
+                future.add_done_callback(lambda _: self.wake.set())
+                job.futures[f.name] = future
+
+    def _collect_hashes(self, now: float) -> None:
+        for row_id, job in list(self._hashing.items()):
+            if not all(f.done() for f in job.futures.values()):
+                continue
+            del self._hashing[row_id]
+            row = job.row
+            assert row.snapshot is not None
+            errors = [f.exception() for f in job.futures.values() if f.exception() is not None]
+            if errors:
+                log.error("cannot hash %s: %s; will retry", row.source, errors[0])
+                continue
+            md5s = {name: f.result() for name, f in job.futures.items()}
+            problem = snapshot.verify(Path(row.snapshot), row.files)
+            if problem is not None:
+                self.journal.transition(row.id, "superseded", now, last_error=problem)
+                snapshot.remove(Path(row.snapshot))
+                log.info(
+                    "%s changed while it was hashed (%s); it will be re-detected",
+                    row.source,
+                    problem,
+                )
+                continue
+            self.journal.transition(row.id, "hashed", now, md5s=md5s, digest=content_digest(md5s))
+
+    def _schedule_publishing(self, now: float) -> None:
+        assert self._publishers is not None and self.publisher is not None
+        parked = self.journal.parked()
+        for collection, (_, since) in parked.items():
+            if now - since >= self.config.upload.retry.max_delay:
+                log.info("retrying parked collection %s", collection)
+                self.journal.unpark(collection)
+        by_collection: dict[str, Row] = {}
+        for row in self.journal.rows(states=("ready", "hashed")):
+            by_collection.setdefault(row.collection, row)  # rows come lowest step first
+        for collection, row in by_collection.items():
+            busy = self._publishing.get(collection)
+            if busy is not None and not busy.done():
+                continue
+            if collection in parked or row.state != "hashed" or row.next_attempt_at > now:
+                continue
+            future = self._publishers.submit(self._publish_guarded, row)
+            future.add_done_callback(lambda _: self.wake.set())
+            self._publishing[collection] = future
+
+    def _publish_guarded(self, row: Row) -> None:
+        assert self.publisher is not None
+        try:
+            self.publisher.publish(row)
+        except Exception:
+            log.exception("publishing %s crashed; it stays queued", row.source)
+            raise
+
+    def _next_retry(self) -> float:
+        pending = self.journal.rows(states=("hashed",))
+        return min((r.next_attempt_at for r in pending if r.next_attempt_at > 0), default=math.inf)
+
+    def _reclaim_orphan_snapshots(self) -> None:
+        """Drop staging directories that no live journal row points at (a crash between
+        snapshot and journal insert, or after publishing)."""
+        live = {r.snapshot for r in self.journal.rows(states=("ready", "hashed", "failed"))}
+        for entry in self.staging.iterdir():
+            if str(entry) not in live:
+                snapshot.remove(entry)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def idle(self, now: float, patience_deadline: float) -> bool:
+        """Nothing left to do for `--once`: no queued rows and no candidates still settling
+        (candidates that never finish are given up at `patience_deadline`)."""
+        if self._hashing or any(not f.done() for f in self._publishing.values()):
+            return False
+        parked = self.journal.parked()
+        queued = [
+            r for r in self.journal.rows(states=("ready", "hashed")) if r.collection not in parked
+        ]
+        if queued:
+            return False
+        pending = any(d.pending() for d in self.detectors)
+        return not pending or now >= patience_deadline
+
+    def problems(self) -> list[str]:
+        """What `--once` reports as not published: failed rows and parked collections."""
+        out = [f"{r.source}: {r.last_error}" for r in self.journal.rows(states=("failed",))]
+        out += [f"{c} is parked: {reason}" for c, (reason, _) in self.journal.parked().items()]
+        return out
+
+    def _once_patience(self) -> float:
+        return max((w.settle + w.sidecar.wait for w in self.config.watch), default=0) + 5.0

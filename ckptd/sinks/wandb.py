@@ -1,0 +1,222 @@
+"""The W&B sink: one run per collection, artifacts logged with the wandb SDK.
+
+Versions are logged with `policy="immutable"` and `skip_cache=True` from ckptd's hard-link
+snapshot with the md5 ckptd already computed, so the SDK neither copies nor re-hashes a
+byte. Online, `wait()` returns once the version is committed; offline the SDK writes the
+run's `.wandb` file under `state_dir/wandb/` for a later `wandb sync` (and `wait()` would
+raise, so it is not called).
+
+The API key is read once, kept in memory only, and never logged: errors are reported with
+it masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ckptd.config import Config
+from ckptd.errors import CkptdError, PublishError
+from ckptd.sinks import PublishedVersion, PublishRequest, SinkFile
+
+__all__ = ["WandbSink", "read_api_key"]
+
+log = logging.getLogger(__name__)
+
+_PERMANENT = re.compile(
+    r"\b(401|403|404)\b|unauthori[sz]ed|forbidden|permission|not allowed|invalid|"
+    r"authentication|api key|does not exist|not found",
+    re.IGNORECASE,
+)
+_RETRY_AFTER = re.compile(r"retry[- ]after\D{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE)
+_INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
+
+
+def read_api_key(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """The API key: `wandb.api_key_file`, else systemd's credential, else WANDB_API_KEY."""
+    env = os.environ if environ is None else environ
+    path = config.wandb.api_key_file
+    if path is None and "CREDENTIALS_DIRECTORY" in env:
+        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "wandb-api-key"
+        path = candidate if candidate.exists() else None
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CkptdError(
+                f"wandb.api_key_file: cannot read {path}: {exc.strerror or exc}"
+            ) from None
+        if not key:
+            raise CkptdError(f"wandb.api_key_file: {path} is empty")
+        return key
+    return env.get("WANDB_API_KEY") or None
+
+
+class WandbSink:
+    """Publishes to W&B with the wandb SDK. Cheap to construct: runs start on first use."""
+
+    def __init__(self, config: Config, api_key: str | None = None) -> None:
+        self.config = config
+        self.online = config.wandb.mode == "online"
+        self._api_key = api_key
+        self._runs: dict[str, Any] = {}  # collection -> wandb Run; guarded by _lock
+        self._lock = threading.Lock()
+        self._api: Any = None
+
+    # -- the Sink contract ---------------------------------------------------------------
+
+    def publish(self, request: PublishRequest) -> PublishedVersion:
+        try:
+            return self._publish(request)
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise self._classify(exc, f"publishing {request.collection}") from exc
+
+    def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
+        if not self.online:
+            raise PublishError(
+                f"cannot move alias {alias!r} in offline mode; it is fixed at `wandb sync`",
+                transient=False,
+            )
+        try:
+            artifact = self._public_api().artifact(self._qualified(collection, version), type)
+            if alias not in artifact.aliases:
+                artifact.aliases.append(alias)
+                artifact.save()
+        except Exception as exc:
+            raise self._classify(exc, f"moving {alias!r} to {collection}:{version}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            try:
+                run.finish()
+            except Exception as exc:  # a dying run must not stop the others from finishing
+                log.warning(
+                    "closing W&B run %s failed: %s", getattr(run, "id", "?"), self._mask(exc)
+                )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _publish(self, request: PublishRequest) -> PublishedVersion:
+        import wandb
+
+        run = self._run(request.collection)
+        artifact = wandb.Artifact(
+            request.collection,
+            type=request.type,
+            description=request.description,
+            metadata=request.metadata,
+        )
+        for file in request.files:
+            _add_file(artifact, file)
+        if request.ttl is not None:
+            artifact.ttl = timedelta(seconds=request.ttl)
+        logged = run.log_artifact(artifact, aliases=list(request.aliases))
+        if not self.online:
+            return PublishedVersion(version=None, committed=False)
+        size = sum(f.size for f in request.files)
+        logged.wait(timeout=int(300 + size / 5e6))
+        return PublishedVersion(version=logged.version, artifact_id=logged.id)
+
+    def _run(self, collection: str) -> Any:
+        with self._lock:
+            run = self._runs.get(collection)
+            if run is not None:
+                return run
+        import wandb
+
+        settings = wandb.Settings(
+            mode=self.config.wandb.mode,
+            silent=True,
+            console="off",
+            disable_git=True,
+            save_code=False,
+            x_disable_stats=True,
+            x_disable_meta=True,
+            x_disable_machine_info=True,
+            x_save_requirements=False,
+            **({"base_url": self.config.wandb.base_url} if self.config.wandb.base_url else {}),
+            **({"api_key": self._api_key} if self.online and self._api_key else {}),
+        )
+        state_dir = self.config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with _INIT_LOCK:
+            run = wandb.init(
+                project=self.config.wandb.project,
+                entity=self.config.wandb.entity,
+                job_type="checkpoint-upload",
+                name=f"ckptd-{collection}",
+                dir=str(state_dir),
+                reinit="create_new",
+                settings=settings,
+            )
+        log.info("W&B run %s started for %s (%s)", run.id, collection, self.config.wandb.mode)
+        with self._lock:
+            self._runs[collection] = run
+        return run
+
+    def _public_api(self) -> Any:
+        if self._api is None:
+            import wandb
+
+            overrides = (
+                {"base_url": self.config.wandb.base_url} if self.config.wandb.base_url else {}
+            )
+            self._api = wandb.Api(overrides=overrides, api_key=self._api_key, timeout=60)
+        return self._api
+
+    def _qualified(self, collection: str, version: str) -> str:
+        entity = self.config.wandb.entity
+        if entity is None:
+            run = self._runs.get(collection)
+            entity = run.entity if run is not None else self._public_api().default_entity
+        return f"{entity}/{self.config.wandb.project}/{collection}:{version}"
+
+    def _classify(self, exc: BaseException, doing: str) -> PublishError:
+        """Turn any SDK failure into a PublishError that says whether a retry can help."""
+        text = self._mask(exc)
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        retry_after = None
+        if match := _RETRY_AFTER.search(text):
+            retry_after = float(match[1])
+        if isinstance(exc, TimeoutError | ConnectionError | OSError):
+            transient = True
+        elif status is not None:
+            transient = status == 429 or status >= 500
+        elif type(exc).__name__ in {"AuthenticationError", "UsageError", "UnsupportedError"}:
+            transient = False
+        else:
+            transient = _PERMANENT.search(text) is None or "429" in text
+        return PublishError(
+            f"{doing}: {type(exc).__name__}: {text}", transient=transient, retry_after=retry_after
+        )
+
+    def _mask(self, exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        if self._api_key:
+            text = text.replace(self._api_key, "<api-key>")
+        return text
+
+
+def _add_file(artifact: Any, file: SinkFile) -> None:
+    """Add a file with ckptd's own md5 (no re-hash, no copy); fall back to the public call
+    if this SDK's artifact does not take a precomputed digest."""
+    add_local = getattr(artifact, "_add_local_file", None)
+    if (
+        add_local is not None
+        and getattr(artifact, "_digest_algorithm", None) is not None
+        and (artifact._digest_algorithm.name == "MANIFEST_MD5")
+    ):
+        add_local(
+            file.name, str(file.path), digest=file.md5_b64, skip_cache=True, policy="immutable"
+        )
+        return
+    artifact.add_file(str(file.path), name=file.name, skip_cache=True, policy="immutable")

@@ -1,0 +1,165 @@
+"""The watcher: watchdog observers that turn filesystem events into hints for the detector.
+
+Events are hints only: a hint names a path and the detector re-checks the checkpoint it
+belongs to. Handlers run on watchdog's dispatch thread and do nothing but enqueue.
+inotify never sees writes made by other nodes of a network filesystem, so `observer: auto`
+picks the polling observer on NFS, Lustre, GPFS, CIFS and FUSE mounts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import (
+    DirMovedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.polling import PollingObserver
+
+from ckptd.config import WatchConfig
+
+__all__ = ["Hint", "Watcher", "filesystem_type", "observer_kind"]
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "fuse", "fuseblk", "beegfs",
+    "ceph", "glusterfs", "9p", "afs", "panfs", "wekafs", "virtiofs",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Something happened at `path` under watch entry `watch_index`. `moved_in` marks a
+    rename into place; `overflow` means events were lost and the root needs a rescan."""
+
+    watch_index: int
+    path: Path
+    moved_in: bool = False
+    overflow: bool = False
+
+
+def filesystem_type(path: Path, mounts: str = "/proc/self/mounts") -> str:
+    """The type of the filesystem holding `path`, from the mount table ('' if unknown)."""
+    try:
+        table = Path(mounts).read_text()
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, fields[2]
+    return best_type
+
+
+def observer_kind(watch: WatchConfig, mounts: str = "/proc/self/mounts") -> str:
+    """`inotify` or `polling` for a watch entry (`auto` decides by filesystem type)."""
+    if watch.observer != "auto":
+        return watch.observer
+    fstype = filesystem_type(watch.path, mounts)
+    if fstype.split(".")[0] in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
+        return "polling"
+    return "inotify"
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on watchdog's dispatch thread: enqueue and wake, nothing more."""
+
+    def __init__(self, index: int, hints: queue.SimpleQueue[Hint], wake: threading.Event) -> None:
+        self._index = index
+        self._hints = hints
+        self._wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in {"opened", "closed_no_write"}:
+            return
+        moved = isinstance(event, FileMovedEvent | DirMovedEvent)
+        if moved:
+            self._hints.put(Hint(self._index, Path(os.fsdecode(event.src_path))))
+        path = Path(os.fsdecode(event.dest_path if moved else event.src_path))
+        self._hints.put(Hint(self._index, path, moved_in=moved))
+        if isinstance(event, FileClosedEvent) or moved or event.event_type == "created":
+            self._wake.set()
+
+
+class _OverflowSignal(logging.Handler):
+    """watchdog reports a lost inotify queue only in a log line; turn it into a rescan."""
+
+    def __init__(self, hints: queue.SimpleQueue[Hint], wake: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self._hints = hints
+        self._wake = wake
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._hints.put(Hint(-1, Path("/"), overflow=True))
+            self._wake.set()
+
+
+class Watcher:
+    """Observers for every watch entry. Cheap to construct; `start()` creates the threads."""
+
+    def __init__(
+        self,
+        watches: tuple[WatchConfig, ...],
+        hints: queue.SimpleQueue[Hint],
+        wake: threading.Event,
+    ) -> None:
+        self.watches = watches
+        self.hints = hints
+        self.wake = wake
+        self._observers: list[Any] = []
+        self._overflow = _OverflowSignal(hints, wake)
+
+    def start(self) -> None:
+        """Create missing roots and start one observer per kind."""
+        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._overflow)
+        inotify: Any = None
+        for index, watch in enumerate(self.watches):
+            watch.path.mkdir(parents=True, exist_ok=True)
+            kind = observer_kind(watch)
+            observer: Any
+            if kind == "polling":
+                # One polling observer per entry: each has its own interval.
+                observer = PollingObserver(timeout=watch.poll_interval)
+                self._observers.append(observer)
+            else:
+                if inotify is None:
+                    inotify = InotifyObserver()
+                    self._observers.append(inotify)
+                observer = inotify
+            observer.schedule(
+                _Handler(index, self.hints, self.wake), str(watch.path), recursive=watch.recursive
+            )
+            log.info("watching %s with the %s observer", watch.path, kind)
+        for observer in self._observers:
+            observer.daemon = True
+            observer.start()
+
+    def alive(self) -> bool:
+        """True while every observer thread runs (for /healthz)."""
+        return bool(self._observers) and all(o.is_alive() for o in self._observers)
+
+    def stop(self) -> None:
+        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._overflow)
+        for observer in self._observers:
+            observer.stop()
+        for observer in self._observers:
+            observer.join(timeout=5)
+        self._observers.clear()
