@@ -105,9 +105,10 @@ def _run(config: Config, *, once: bool) -> int:
             os.write(2, b"ckptd: second signal, aborting now; pending work stays queued\n")
             os._exit(EXIT_FAILURE)
         stop.set()
+        service.wake.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     service = Service(config, lambda c: WandbSink(c, api_key))
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         service.start()
         if stop.is_set():

@@ -392,8 +392,14 @@ def _join(prefix: str, key: object) -> str:
 def _describe(exc: ValidationError, raw: Any) -> list[str]:
     """One line per pydantic error: `key.path: rule, got value`."""
     lines = []
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for error in errors:
         loc = [part for part in error["loc"] if not _is_pydantic_tag(part)]
+        if error["type"] == "too_short" and any(
+            other["loc"][: len(error["loc"])] == error["loc"] and other is not error
+            for other in errors
+        ):
+            continue  # a list emptied by its items' own errors: those lines say it all
         where = ""
         for part in loc:
             where = f"{where}[{part}]" if isinstance(part, int) else _join(where, part)

@@ -169,6 +169,10 @@ class Journal:
             self.release_stale_leases()
         return self
 
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()

@@ -114,6 +114,8 @@ class Service:
         """Stop watching, let in-flight work finish up to shutdown_timeout, close all."""
         self._stopping = True
         self.watcher.stop()
+        if not self.journal.is_open:  # start() failed before the journal opened
+            return
         deadline = self.clock() + self.config.upload.shutdown_timeout
         in_flight = [
             f

@@ -1,0 +1,117 @@
+"""The journal's state machine, driven with an injected clock; real SQLite files, no sleeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckptd.checkpoint import CheckpointInfo, FileState
+from ckptd.errors import JournalError, StateDirLocked
+from ckptd.journal import Journal
+
+FILES = (FileState("ckpt.pt", 10, 1, 2, 3),)
+
+
+def add(journal: Journal, relpath: str, step: int | None, *, fingerprint: str = "f") -> int | None:
+    return journal.add(
+        collection="model", watch_path=Path("/w"), relpath=relpath, fingerprint=fingerprint,
+        format="file", step=step, files=FILES, info=CheckpointInfo(step=step),
+        snapshot=Path("/s") / relpath, now=100.0,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    j = Journal(tmp_path / "state").open()
+    yield j
+    j.close()
+
+
+def test_happy_path_and_persistence(journal: Journal, tmp_path: Path) -> None:
+    """ready -> hashed -> published -> aliased is recorded durably with its fields."""
+    row_id = add(journal, "ckpt_1.pt", 1)
+    assert row_id is not None
+    journal.transition(row_id, "hashed", 101.0, md5s={"ckpt.pt": "abc"}, digest="d1")
+    journal.transition(row_id, "published", 102.0, version="v0", aliases=("latest", "step-1"))
+    journal.transition(row_id, "aliased", 103.0)
+    journal.close()
+    reopened = Journal(tmp_path / "state").open()
+    row = reopened.get(row_id)
+    assert (row.state, row.version, row.aliases, row.md5s) == (
+        "aliased", "v0", ("latest", "step-1"), {"ckpt.pt": "abc"},
+    )  # fmt: skip
+    assert row.updated_at == 103.0 and row.detected_at == 100.0
+    reopened.close()
+
+
+def test_forbidden_transitions_are_refused(journal: Journal) -> None:
+    """A row cannot skip states or leave an end state."""
+    row_id = add(journal, "ckpt_1.pt", 1)
+    assert row_id is not None
+    with pytest.raises(JournalError, match="cannot go from ready to published"):
+        journal.transition(row_id, "published", 1.0)
+    journal.transition(row_id, "superseded", 2.0)
+    with pytest.raises(JournalError, match="cannot go from superseded to hashed"):
+        journal.transition(row_id, "hashed", 3.0)
+
+
+def test_same_checkpoint_is_recorded_once(journal: Journal) -> None:
+    """The same files (same fingerprint) are one row; a rewrite is a new row."""
+    assert add(journal, "last.pt", 5) is not None
+    assert add(journal, "last.pt", 5) is None
+    assert journal.known("model", Path("/w"), "last.pt", "f")
+    assert add(journal, "last.pt", 5, fingerprint="g") is not None
+
+
+def test_missing_step_takes_detection_order(journal: Journal) -> None:
+    """Without a step, a checkpoint gets the next one after the collection's highest."""
+    add(journal, "a.pt", 7)
+    row_id = add(journal, "b.pt", None)
+    assert row_id is not None and journal.get(row_id).step == 8
+
+
+def test_rows_come_in_step_order(journal: Journal) -> None:
+    """Queued rows are listed lowest step first, whatever the detection order."""
+    for step in (30, 10, 20):
+        add(journal, f"ckpt_{step}.pt", step)
+    assert [r.step for r in journal.rows(states=("ready",))] == [10, 20, 30]
+
+
+def test_second_daemon_cannot_open_the_state_dir(journal: Journal, tmp_path: Path) -> None:
+    """Two daemons on one state_dir would publish twice: the second is refused."""
+    with pytest.raises(StateDirLocked, match="in use by ckptd pid"):
+        Journal(tmp_path / "state").open()
+    reader = Journal(tmp_path / "state").open(exclusive=False)  # `ckptd status` still reads
+    assert reader.rows() == []
+    reader.close()
+
+
+def test_stale_leases_are_taken_back_at_start(journal: Journal, tmp_path: Path) -> None:
+    """Leases left by a dead process are cleared when the next daemon opens the journal."""
+    row_id = add(journal, "ckpt_1.pt", 1)
+    assert row_id is not None
+    journal.update(row_id, 1.0, lease_owner="dead:123", lease_expires=99.0)
+    journal.close()
+    reopened = Journal(tmp_path / "state").open()
+    assert reopened._query("SELECT lease_owner FROM checkpoints", ())[0][0] is None
+    reopened.close()
+
+
+def test_best_and_parked_tables(journal: Journal) -> None:
+    """Best-so-far values and parked collections survive in the journal."""
+    journal.set_best("model", "best", 1, 0.5)
+    journal.set_best("model", "best", 2, 0.4)
+    assert journal.best("model") == {"best": (2, 0.4)}
+    journal.park("model", "401 unauthorized", 10.0)
+    assert journal.parked() == {"model": ("401 unauthorized", 10.0)}
+    journal.unpark("model")
+    assert journal.parked() == {}
+
+
+def test_read_only_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    """A state_dir that cannot be created is reported with its path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(JournalError, match=str(blocker)):
+        Journal(blocker / "state").open()
