@@ -54,9 +54,9 @@ class FileState:
 def stat_files(unit: Path) -> tuple[FileState, ...]:
     """The files of a checkpoint unit (a file, or every regular file under a directory).
 
-    Names are relative to the unit: a single file is named by its basename. Symlinked files
-    inside a directory are followed only by the caller's own checks; here they are stat'ed
-    as what they point to. Raises FileNotFoundError if the unit vanished.
+    Names are relative to the unit for a directory; a single file is named by its basename
+    (relative to its parent). Symlinked files inside a directory are stat'ed as what they
+    point to. Raises FileNotFoundError if the unit vanished.
     """
     if not unit.is_dir():
         return (FileState.of(unit.name, unit),)

@@ -38,6 +38,12 @@ class ReadyCheckpoint:
     info: CheckpointInfo
 
     @property
+    def base(self) -> Path:
+        """The directory the files' names are relative to: the unit itself for a directory
+        checkpoint, its parent for a file (or a TensorFlow-style prefix of files)."""
+        return self.unit if self.unit.is_dir() else self.unit.parent
+
+    @property
     def fingerprint(self) -> str:
         """The files' identities; a rewrite of any file changes it."""
         return _fingerprint(self.files)

@@ -183,7 +183,7 @@ class Service:
             return
         dest = self.staging / f"{watch.artifact}-{time.time_ns()}"
         try:
-            files = snapshot.take(ready.unit, ready.files, dest)
+            files = snapshot.take(ready.base, ready.files, dest)
         except FileNotFoundError:
             log.info("%s was deleted before it could be snapshotted (rotated away)", ready.unit)
             detector.forget(ready.unit)

@@ -29,8 +29,8 @@ def _same_bytes(before: FileState, after: FileState, linked: bool) -> bool:
     return (before.size, before.mtime_ns) == (after.size, after.mtime_ns)
 
 
-def take(unit: Path, files: tuple[FileState, ...], dest: Path) -> tuple[FileState, ...]:
-    """Pin `files` of `unit` under `dest`; return the snapshot's own identities.
+def take(base: Path, files: tuple[FileState, ...], dest: Path) -> tuple[FileState, ...]:
+    """Pin `files` (named relative to `base`) under `dest`; return the snapshot's identities.
 
     Raises CheckpointChanged if a file changed since `files` was taken, FileNotFoundError
     if one vanished (rotated away). `dest` is removed on any failure.
@@ -39,7 +39,7 @@ def take(unit: Path, files: tuple[FileState, ...], dest: Path) -> tuple[FileStat
     try:
         states = []
         for expected in files:
-            source = unit if not unit.is_dir() else unit / expected.name
+            source = base / expected.name
             target = dest / expected.name
             target.parent.mkdir(parents=True, exist_ok=True)
             linked = _link_or_copy(source, target)

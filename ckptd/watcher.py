@@ -144,8 +144,11 @@ class Watcher:
                     inotify = InotifyObserver()
                     self._observers.append(inotify)
                 observer = inotify
+            # Directory checkpoints change below the root, so every format but plain files
+            # needs the subtree watched; the format itself decides what a path belongs to.
+            recursive = watch.recursive or watch.format != "file"
             observer.schedule(
-                _Handler(index, self.hints, self.wake), str(watch.path), recursive=watch.recursive
+                _Handler(index, self.hints, self.wake), str(watch.path), recursive=recursive
             )
             log.info("watching %s with the %s observer", watch.path, kind)
         for observer in self._observers:
