@@ -20,6 +20,7 @@ from ckptd import snapshot
 from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError
 from ckptd.journal import Journal, Row
+from ckptd.metrics import Metrics
 from ckptd.policy import AliasPlan, Candidate, plan_aliases
 from ckptd.retry import RetryPolicy
 from ckptd.sinks import PublishRequest, Sink, SinkFile
@@ -39,9 +40,11 @@ class Publisher:
         config: Config,
         journal: Journal,
         sink: Sink,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.journal = journal
         self.sink = sink
         self.retry = RetryPolicy(config.upload.retry)
@@ -95,6 +98,7 @@ class Publisher:
             self._repoint_latest(row, watch)
         self.journal.transition(row.id, "aliased", self.clock())
         snapshot.remove(snap)
+        self._count_success(row, now)
         log.info(
             "published %s as %s:%s (step %d, %d files, %d bytes) with aliases %s",
             row.source, row.collection, result.version or "<offline>", row.step,
@@ -132,13 +136,23 @@ class Publisher:
                 row.collection, holder.version, holder.step, exc,
             )  # fmt: skip
 
+    def _count_success(self, row: Row, now: float) -> None:
+        labels = {"collection": row.collection}
+        self.metrics.published.labels(**labels).inc()
+        self.metrics.uploaded_bytes.labels(**labels).inc(row.size)
+        self.metrics.publish_seconds.labels(**labels).observe(max(0.0, now - row.detected_at))
+        self.metrics.last_success.labels(**labels).set(now)
+
     def _failed(self, row: Row, exc: PublishError) -> None:
         now = self.clock()
+        kind = "transient" if exc.transient else "permanent"
+        self.metrics.retries.labels(collection=row.collection, kind=kind).inc()
         attempts = row.attempts + 1
         first = row.first_failure_at or now
         if not exc.transient:
             self.journal.update(row.id, now, attempts=attempts, last_error=str(exc))
             self.journal.park(row.collection, str(exc), now)
+            self.metrics.parked.labels(collection=row.collection).set(1)
             log.error(
                 "%s is parked: %s. Its queue is kept; fix the cause and restart ckptd "
                 "(it also retries by itself after %.0fs)",
@@ -150,6 +164,7 @@ class Publisher:
                 row.id, "failed", now, attempts=attempts, last_error=str(exc),
                 first_failure_at=first,
             )  # fmt: skip
+            self.metrics.failed.labels(collection=row.collection).inc()
             log.error(
                 "gave up on %s after %d attempts over %.0fs: %s (its files are kept)",
                 row.source, attempts, now - first, exc,
@@ -168,6 +183,7 @@ class Publisher:
 
     def _supersede(self, row: Row, reason: str) -> None:
         self.journal.transition(row.id, "superseded", self.clock(), last_error=reason)
+        self.metrics.superseded.labels(collection=row.collection).inc()
         if row.snapshot:
             snapshot.remove(Path(row.snapshot))
         log.info("not publishing %s: %s", row.source, reason)

@@ -27,6 +27,7 @@ from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.errors import CheckpointChanged, JournalError
 from ckptd.hashing import md5_b64
 from ckptd.journal import Journal, Row
+from ckptd.metrics import HealthServer, Metrics
 from ckptd.publish import Publisher
 from ckptd.sinks import Sink
 from ckptd.watcher import Hint, Watcher
@@ -63,6 +64,8 @@ class Service:
         self._sink_factory = sink_factory
         self.sink: Sink | None = None
         self.publisher: Publisher | None = None
+        self.metrics = Metrics()
+        self.health: HealthServer | None = None
         # Owned by the coordinator thread only:
         self._hashers: ThreadPoolExecutor | None = None
         self._publishers: ThreadPoolExecutor | None = None
@@ -83,12 +86,16 @@ class Service:
         self.journal.unpark()
         self.staging.mkdir(parents=True, exist_ok=True)
         self.sink = self._sink_factory(self.config)
-        self.publisher = Publisher(self.config, self.journal, self.sink, self.clock)
+        self.publisher = Publisher(self.config, self.journal, self.sink, self.metrics, self.clock)
         workers = self.config.upload.workers
         self._hashers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-hash")
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
         self._reclaim_orphan_snapshots()
         self.watcher.start()
+        address = self.config.metrics.address
+        if address is not None:
+            self.health = HealthServer(address, self.metrics, self.watcher.alive, self.not_ready)
+            self.health.start()
         log.info(
             "ckptd started: %d watch entr%s, state in %s, W&B %s mode",
             len(self.config.watch), "y" if len(self.config.watch) == 1 else "ies",
@@ -113,6 +120,8 @@ class Service:
     def shutdown(self) -> None:
         """Stop watching, let in-flight work finish up to shutdown_timeout, close all."""
         self._stopping = True
+        if self.health is not None:
+            self.health.stop()
         self.watcher.stop()
         if not self.journal.is_open:  # start() failed before the journal opened
             return
@@ -204,6 +213,7 @@ class Service:
             snapshot.remove(dest)
             raise
         detector.mark_done(ready)
+        self.metrics.detected.labels(collection=watch.artifact).inc()
         log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
 
     def _schedule_hashing(self) -> None:
@@ -249,8 +259,13 @@ class Service:
                 log.info("retrying parked collection %s", collection)
                 self.journal.unpark(collection)
         by_collection: dict[str, Row] = {}
+        depth = {watch.artifact: 0 for watch in self.config.watch}
         for row in self.journal.rows(states=("ready", "hashed")):
             by_collection.setdefault(row.collection, row)  # rows come lowest step first
+            depth[row.collection] = depth.get(row.collection, 0) + 1
+        for collection, count in depth.items():
+            self.metrics.queue_depth.labels(collection=collection).set(count)
+            self.metrics.parked.labels(collection=collection).set(int(collection in parked))
         for collection, row in by_collection.items():
             busy = self._publishing.get(collection)
             if busy is not None and not busy.done():
@@ -296,6 +311,17 @@ class Service:
             return False
         pending = any(d.pending() for d in self.detectors)
         return not pending or now >= patience_deadline
+
+    def not_ready(self) -> str | None:
+        """None when the daemon can do its work, else why not (for /readyz)."""
+        if not self.journal.is_open:
+            return "journal not open"
+        if not self.watcher.alive():
+            return "watcher not running"
+        parked = self.journal.parked()
+        if parked:
+            return f"parked: {', '.join(sorted(parked))}"
+        return None
 
     def problems(self) -> list[str]:
         """What `--once` reports as not published: failed rows and parked collections."""

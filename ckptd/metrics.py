@@ -1,0 +1,146 @@
+"""Prometheus metrics and the health endpoints, served on `metrics.listen`.
+
+`/metrics` is the Prometheus text format; `/healthz` answers 200 while the process and its
+watcher threads live; `/readyz` answers 200 once the journal is open and the configuration
+loaded (and, online, W&B answered). Each Service owns its own registry, so tests and several
+services in one process never share counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["HealthServer", "Metrics"]
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Every metric ckptd exports, labelled by collection."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.detected = Counter(
+            "ckptd_checkpoints_detected", "Finished checkpoints queued", ["collection"], registry=r
+        )
+        self.published = Counter(
+            "ckptd_checkpoints_published", "Checkpoints published", ["collection"], registry=r
+        )
+        self.failed = Counter(
+            "ckptd_checkpoints_failed", "Checkpoints given up on", ["collection"], registry=r
+        )
+        self.superseded = Counter(
+            "ckptd_checkpoints_superseded",
+            "Checkpoints not published: replaced, deleted or identical to a version",
+            ["collection"],
+            registry=r,
+        )
+        self.parked = Gauge(
+            "ckptd_collection_parked", "1 while a collection is parked", ["collection"], registry=r
+        )
+        self.uploaded_bytes = Counter(
+            "ckptd_uploaded_bytes", "Bytes of published checkpoints", ["collection"], registry=r
+        )
+        self.publish_seconds = Histogram(
+            "ckptd_publish_seconds",
+            "Time from queueing a checkpoint to its committed version",
+            ["collection"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "ckptd_queue_depth", "Checkpoints queued, not yet published", ["collection"], registry=r
+        )
+        self.retries = Counter(
+            "ckptd_retries", "Failed publish attempts by class", ["collection", "kind"], registry=r
+        )
+        self.last_success = Gauge(
+            "ckptd_last_success_timestamp_seconds",
+            "Unix time of the last publish",
+            ["collection"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """A small HTTP server for /metrics, /healthz and /readyz on its own thread."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        metrics: Metrics,
+        healthy: Callable[[], bool],
+        ready: Callable[[], str | None],
+    ) -> None:
+        self.address = address
+        self.metrics = metrics
+        self.healthy = healthy
+        self.ready = ready  # None when ready, else why not
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._answer(200, owner.metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = owner.healthy()
+                    self._answer(200 if ok else 503, b"ok\n" if ok else b"watcher stopped\n")
+                elif path == "/readyz":
+                    why = owner.ready()
+                    self._answer(503 if why else 200, f"{why or 'ready'}\n".encode())
+                else:
+                    self._answer(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _answer(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("metrics endpoint: " + format, *args)
+
+        try:
+            self._server = ThreadingHTTPServer(self.address, Handler)
+        except OSError as exc:
+            from ckptd.errors import CkptdError
+
+            host, port = self.address
+            raise CkptdError(
+                f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="ckptd-metrics", daemon=True
+        )
+        self._thread.start()
+        log.info("metrics and health on http://%s:%d/metrics", self.address[0], self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
