@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fake_wandb import FakeWandbServer
+
 CKPTD = [sys.executable, "-m", "ckptd"]
 
 
@@ -110,3 +112,20 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in daemons:
         daemon.kill()
+
+
+@pytest.fixture
+def wandb_server(tmp_path: Path) -> Iterator[FakeWandbServer]:
+    """A loopback W&B server for this test only."""
+    with FakeWandbServer(storage_dir=tmp_path / "server-storage") as server:
+        yield server
+
+
+@pytest.fixture
+def online_env(
+    wandb_env: dict[str, str], wandb_server: FakeWandbServer, tmp_path: Path
+) -> dict[str, str]:
+    """wandb_env pointed at the test's loopback server, with its key."""
+    env = dict(wandb_env)
+    env.update(wandb_server.env(tmp_path / "wandb-online"))
+    return env

@@ -34,6 +34,8 @@ _PERMANENT = re.compile(
     re.IGNORECASE,
 )
 _RETRY_AFTER = re.compile(r"retry[- ]after\D{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE)
+_SDK_RETRIES = 4
+_FINISH_TIMEOUT = 30.0  # seconds a run may take to finish before ckptd stops waiting
 _INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
 
 
@@ -96,12 +98,24 @@ class WandbSink:
         with self._lock:
             runs, self._runs = list(self._runs.values()), {}
         for run in runs:
-            try:
-                run.finish()
-            except Exception as exc:  # a dying run must not stop the others from finishing
+            # finish() flushes the run's last records; against an unreachable server it can
+            # retry for minutes, so it runs aside and ckptd stops waiting after a while.
+            # Nothing is lost: the journal, not the run, holds what was published.
+            finisher = threading.Thread(
+                target=self._finish, args=(run,), name="ckptd-wandb-finish", daemon=True
+            )
+            finisher.start()
+            finisher.join(_FINISH_TIMEOUT)
+            if finisher.is_alive():
                 log.warning(
-                    "closing W&B run %s failed: %s", getattr(run, "id", "?"), self._mask(exc)
+                    "W&B run %s did not finish in %.0fs; leaving it", run.id, _FINISH_TIMEOUT
                 )
+
+    def _finish(self, run: Any) -> None:
+        try:
+            run.finish()
+        except Exception as exc:  # a dying run must not stop the others from finishing
+            log.warning("closing W&B run %s failed: %s", getattr(run, "id", "?"), self._mask(exc))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -143,6 +157,11 @@ class WandbSink:
             x_disable_meta=True,
             x_disable_machine_info=True,
             x_save_requirements=False,
+            # wandb-core's own retries of a failing server can run for many minutes inside
+            # one call; bound them so that ckptd's journal-driven retry (which survives
+            # restarts and does not hold up a shutdown) takes over.
+            x_graphql_retry_max=_SDK_RETRIES,
+            x_file_transfer_retry_max=_SDK_RETRIES,
             **({"base_url": self.config.wandb.base_url} if self.config.wandb.base_url else {}),
             **({"api_key": self._api_key} if self.online and self._api_key else {}),
         )
