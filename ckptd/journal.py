@@ -18,7 +18,7 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,23 +277,26 @@ class Journal:
 
     def transition(self, row_id: int, to: str, now: float, **fields: Any) -> Row:
         """Move a row to state `to`, setting `fields`; refuse transitions the machine forbids."""
-        encoded = {key: _encode(key, value) for key, value in fields.items()}
         with self._tx() as db:
-            current = db.execute("SELECT state FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
-            if current is None:
-                raise JournalError(f"{self.path}: no checkpoint #{row_id}")
-            if to not in _TRANSITIONS[current["state"]]:
-                raise JournalError(
-                    f"{self.path}: checkpoint #{row_id} cannot go from {current['state']} to {to}"
-                )
-            assignments = ", ".join(f"{key} = ?" for key in encoded)
-            sql = "UPDATE checkpoints SET state = ?, updated_at = ?"
-            db.execute(
-                f"{sql}{', ' + assignments if assignments else ''} WHERE id = ?",
-                (to, now, *encoded.values(), row_id),
+            return self._transition(db, row_id, to, now, fields)
+
+    def _transition(
+        self, db: sqlite3.Connection, row_id: int, to: str, now: float, fields: dict[str, Any]
+    ) -> Row:
+        current = db.execute("SELECT state FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
+        if current is None:
+            raise JournalError(f"{self.path}: no checkpoint #{row_id}")
+        if to not in _TRANSITIONS[current["state"]]:
+            raise JournalError(
+                f"{self.path}: checkpoint #{row_id} cannot go from {current['state']} to {to}"
             )
-            row = db.execute("SELECT * FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
-        return _row(row)
+        encoded = {key: _encode(key, value) for key, value in fields.items()}
+        assignments = "".join(f", {key} = ?" for key in encoded)
+        db.execute(
+            f"UPDATE checkpoints SET state = ?, updated_at = ?{assignments} WHERE id = ?",
+            (to, now, *encoded.values(), row_id),
+        )
+        return _row(db.execute("SELECT * FROM checkpoints WHERE id = ?", (row_id,)).fetchone())
 
     def update(self, row_id: int, now: float, **fields: Any) -> None:
         """Set fields of a row without changing its state (retry bookkeeping, leases)."""
@@ -305,13 +308,38 @@ class Journal:
                 (now, *encoded.values(), row_id),
             )
 
-    def set_best(self, collection: str, alias: str, checkpoint_id: int, value: float) -> None:
+    def mark_published(
+        self,
+        row_id: int,
+        now: float,
+        *,
+        version: str | None,
+        aliases: Iterable[str],
+        best: Mapping[str, float],
+    ) -> Row:
+        """`hashed -> published` and the best aliases it won, in one transaction: a crash
+        can never leave a published version whose best-so-far value was not recorded."""
+        fields = {
+            "version": version, "aliases": tuple(aliases), "last_error": None,
+            "next_attempt_at": 0, "lease_owner": None, "lease_expires": None,
+        }  # fmt: skip
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO best VALUES (?, ?, ?, ?) ON CONFLICT (collection, alias) "
-                "DO UPDATE SET checkpoint_id = excluded.checkpoint_id, value = excluded.value",
-                (collection, alias, checkpoint_id, value),
-            )
+            row = self._transition(db, row_id, "published", now, fields)
+            for alias, value in best.items():
+                db.execute(
+                    "INSERT INTO best VALUES (?, ?, ?, ?) ON CONFLICT (collection, alias) "
+                    "DO UPDATE SET checkpoint_id = excluded.checkpoint_id, value = excluded.value",
+                    (row.collection, alias, row_id, value),
+                )
+        return row
+
+    def claim(self, row_id: int, now: float, lease: float) -> None:
+        """Lease a row to this process for `lease` seconds (recorded with pid and boot id)."""
+        self.update(row_id, now, lease_owner=self.owner, lease_expires=now + lease)
+
+    def release(self, row_id: int, now: float) -> None:
+        """End this process's lease on a row."""
+        self.update(row_id, now, lease_owner=None, lease_expires=None)
 
     def park(self, collection: str, reason: str, now: float) -> None:
         """Stop publishing `collection` after a permanent error; its queue is kept."""

@@ -44,6 +44,7 @@ class Publisher:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.online = config.wandb.mode == "online"
         self.metrics = metrics
         self.journal = journal
         self.sink = sink
@@ -87,23 +88,30 @@ class Publisher:
         except PublishError as exc:
             self._failed(row, exc)
             return
-        now = self.clock()
-        self.journal.transition(
-            row.id, "published", now, version=result.version, aliases=plan.aliases,
-            last_error=None, next_attempt_at=0,
-        )  # fmt: skip
-        for alias, value in plan.best.items():
-            self.journal.set_best(row.collection, alias, row.id, value)
-        if plan.repoint_latest and result.committed:
-            self._repoint_latest(row, watch)
-        self.journal.transition(row.id, "aliased", self.clock())
-        snapshot.remove(snap)
-        self._count_success(row, now)
+        row = self.journal.mark_published(
+            row.id, self.clock(), version=result.version, aliases=plan.aliases, best=plan.best
+        )
         log.info(
             "published %s as %s:%s (step %d, %d files, %d bytes) with aliases %s",
             row.source, row.collection, result.version or "<offline>", row.step,
             len(row.files), row.size, ", ".join(plan.aliases) or "none",
         )  # fmt: skip
+        self.finish(row)
+
+    def finish(self, row: Row) -> None:
+        """`published -> aliased`: put `latest` back on the highest step if an older step was
+        published last, release the snapshot. Idempotent, so a crash in between is repaired
+        by calling it again on start-up."""
+        watch = self.watch_of(row)
+        published = self.journal.rows(row.collection, _PUBLISHED)
+        holder = max(published, key=lambda r: (r.step, r.id))
+        if watch.aliases.latest and holder.id != row.id and self.online:
+            self._repoint_latest(row, holder, watch)
+        now = self.clock()
+        self.journal.transition(row.id, "aliased", now)
+        if row.snapshot:
+            snapshot.remove(Path(row.snapshot))
+        self._count_success(row, now)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -120,16 +128,19 @@ class Publisher:
                 return other
         return None
 
-    def _repoint_latest(self, row: Row, watch: WatchConfig) -> None:
+    def _repoint_latest(self, row: Row, holder: Row, watch: WatchConfig) -> None:
         """An older step was published last and took `latest`; give it back to the highest."""
-        published = self.journal.rows(row.collection, _PUBLISHED)
-        holder = max(published, key=lambda r: (r.step, r.id))
-        if holder.version is None:
+        version = holder.version
+        if version is None:
             return
         try:
             self.retry.retrying(
-                lambda: self.sink.move_alias(row.collection, watch.type, "latest", holder.version)  # type: ignore[arg-type]
+                lambda: self.sink.move_alias(row.collection, watch.type, "latest", version)
             )
+            log.info(
+                "%s: moved 'latest' back to %s (step %d) after publishing step %d late",
+                row.collection, version, holder.step, row.step,
+            )  # fmt: skip
         except PublishError as exc:
             log.error(
                 "%s: could not move 'latest' back to %s (step %d): %s",
@@ -150,7 +161,9 @@ class Publisher:
         attempts = row.attempts + 1
         first = row.first_failure_at or now
         if not exc.transient:
-            self.journal.update(row.id, now, attempts=attempts, last_error=str(exc))
+            self.journal.update(
+                row.id, now, attempts=attempts, last_error=str(exc), lease_owner=None
+            )
             self.journal.park(row.collection, str(exc), now)
             self.metrics.parked.labels(collection=row.collection).set(1)
             log.error(
@@ -173,7 +186,7 @@ class Publisher:
         delay = self.retry.delay(attempts, exc.retry_after)
         self.journal.update(
             row.id, now, attempts=attempts, next_attempt_at=now + delay,
-            first_failure_at=first, last_error=str(exc),
+            first_failure_at=first, last_error=str(exc), lease_owner=None,
         )  # fmt: skip
         if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a log line per retry
             log.warning(

@@ -37,6 +37,9 @@ __all__ = ["Service"]
 log = logging.getLogger(__name__)
 
 _IDLE_WAKE = 1.0  # seconds: the longest the coordinator sleeps with nothing due
+_LEASE = 6 * 3600.0  # seconds a publish may hold its row; the state_dir lock is the real guard
+_HASH_RETRY = 30.0  # seconds before hashing an unreadable snapshot again
+_JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Service:
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
         self._stopping = False
+        self._last_journal_problem: str | None = None
 
     @property
     def staging(self) -> Path:
@@ -110,12 +114,28 @@ class Service:
         once_deadline = self.clock() + self._once_patience() if once else math.inf
         while not stop.is_set():
             now = self.clock()
-            due = self.run_once(now)
+            try:
+                due = self.run_once(now)
+            except JournalError as exc:
+                # A full or read-only state_dir: say so (once per distinct problem) and try
+                # again shortly; nothing was lost, the journal is transactional.
+                self._report_journal_problem(exc)
+                due = now + _JOURNAL_RETRY
             if once and self.idle(now, once_deadline):
                 break
             self.wake.wait(max(0.0, min(due - self.clock(), _IDLE_WAKE)))
             self.wake.clear()
         return not self.problems()
+
+    def _report_journal_problem(self, exc: JournalError) -> None:
+        message = str(exc)
+        if message != self._last_journal_problem:
+            log.error(
+                "%s; retrying every %.0fs (is state_dir full or read-only?)",
+                message,
+                _JOURNAL_RETRY,
+            )
+            self._last_journal_problem = message
 
     def shutdown(self) -> None:
         """Stop watching, let in-flight work finish up to shutdown_timeout, close all."""
@@ -218,8 +238,9 @@ class Service:
 
     def _schedule_hashing(self) -> None:
         assert self._hashers is not None
+        now = self.clock()
         for row in self.journal.rows(states=("ready",)):
-            if row.id in self._hashing or row.snapshot is None:
+            if row.id in self._hashing or row.snapshot is None or row.next_attempt_at > now:
                 continue
             job = self._hashing[row.id] = _Hashing(row)
             for f in row.files:
@@ -236,7 +257,16 @@ class Service:
             assert row.snapshot is not None
             errors = [f.exception() for f in job.futures.values() if f.exception() is not None]
             if errors:
-                log.error("cannot hash %s: %s; will retry", row.source, errors[0])
+                attempts = row.attempts + 1
+                if attempts & (attempts - 1) == 0:
+                    log.error(
+                        "cannot read %s to hash it: %s; retrying every %.0fs",
+                        row.source, errors[0], _HASH_RETRY,
+                    )  # fmt: skip
+                self.journal.update(
+                    row.id, now, attempts=attempts, last_error=f"cannot read: {errors[0]}",
+                    next_attempt_at=now + _HASH_RETRY,
+                )  # fmt: skip
                 continue
             md5s = {name: f.result() for name, f in job.futures.items()}
             problem = snapshot.verify(Path(row.snapshot), row.files)
@@ -249,7 +279,10 @@ class Service:
                     problem,
                 )
                 continue
-            self.journal.transition(row.id, "hashed", now, md5s=md5s, digest=content_digest(md5s))
+            self.journal.transition(
+                row.id, "hashed", now, md5s=md5s, digest=content_digest(md5s),
+                attempts=0, next_attempt_at=0, last_error=None,
+            )  # fmt: skip
 
     def _schedule_publishing(self, now: float) -> None:
         assert self._publishers is not None and self.publisher is not None
@@ -260,6 +293,8 @@ class Service:
                 self.journal.unpark(collection)
         by_collection: dict[str, Row] = {}
         depth = {watch.artifact: 0 for watch in self.config.watch}
+        for row in self.journal.rows(states=("published",)):
+            by_collection.setdefault(row.collection, row)  # a crash left it half done: first
         for row in self.journal.rows(states=("ready", "hashed")):
             by_collection.setdefault(row.collection, row)  # rows come lowest step first
             depth[row.collection] = depth.get(row.collection, 0) + 1
@@ -270,8 +305,9 @@ class Service:
             busy = self._publishing.get(collection)
             if busy is not None and not busy.done():
                 continue
-            if collection in parked or row.state != "hashed" or row.next_attempt_at > now:
+            if collection in parked or row.state == "ready" or row.next_attempt_at > now:
                 continue
+            self.journal.claim(row.id, now, _LEASE)
             future = self._publishers.submit(self._publish_guarded, row)
             future.add_done_callback(lambda _: self.wake.set())
             self._publishing[collection] = future
@@ -279,13 +315,16 @@ class Service:
     def _publish_guarded(self, row: Row) -> None:
         assert self.publisher is not None
         try:
-            self.publisher.publish(row)
+            if row.state == "published":
+                self.publisher.finish(row)
+            else:
+                self.publisher.publish(row)
         except Exception:
             log.exception("publishing %s crashed; it stays queued", row.source)
             raise
 
     def _next_retry(self) -> float:
-        pending = self.journal.rows(states=("hashed",))
+        pending = self.journal.rows(states=("ready", "hashed"))
         return min((r.next_attempt_at for r in pending if r.next_attempt_at > 0), default=math.inf)
 
     def _reclaim_orphan_snapshots(self) -> None:

@@ -100,8 +100,12 @@ def test_stale_leases_are_taken_back_at_start(journal: Journal, tmp_path: Path) 
 
 def test_best_and_parked_tables(journal: Journal) -> None:
     """Best-so-far values and parked collections survive in the journal."""
-    journal.set_best("model", "best", 1, 0.5)
-    journal.set_best("model", "best", 2, 0.4)
+    for step in (1, 2):
+        row_id = add(journal, f"ckpt_{step}.pt", step)
+        assert row_id is not None
+        journal.transition(row_id, "hashed", 1.0, md5s={}, digest=f"d{step}")
+        journal.mark_published(row_id, 2.0, version=f"v{step}", aliases=("best",),
+                               best={"best": {1: 0.5, 2: 0.4}[step]})  # fmt: skip
     assert journal.best("model") == {"best": (2, 0.4)}
     journal.park("model", "401 unauthorized", 10.0)
     assert journal.parked() == {"model": ("401 unauthorized", 10.0)}
