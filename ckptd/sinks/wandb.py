@@ -34,7 +34,7 @@ _PERMANENT = re.compile(
     re.IGNORECASE,
 )
 _RETRY_AFTER = re.compile(r"retry[- ]after\D{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE)
-_SDK_RETRIES = 4
+_SDK_RETRIES = 1
 _FINISH_TIMEOUT = 30.0  # seconds a run may take to finish before ckptd stops waiting
 _INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
 
