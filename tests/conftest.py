@@ -90,6 +90,16 @@ class Daemon:
         self._log.close()
 
 
+def ckptd_status(config: Path, env: dict[str, str]) -> str:
+    """What `ckptd status --config CONFIG` prints (it must succeed)."""
+    result = subprocess.run(
+        [*CKPTD, "status", "--config", str(config)], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition") -> None:
     """Poll `condition` until it is truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ version lands; permanent ones park the collection, keep its queue, and show in s
 from __future__ import annotations
 
 import os
-import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckptd import sidecar
-from tests.conftest import CKPTD, Daemon, wait_until
+from tests.conftest import Daemon, ckptd_status, wait_until
 from tests.support.fake_wandb import FakeWandbServer
 
 CONFIG = """\
@@ -49,15 +48,6 @@ def checkpoint(root: Path, step: int) -> Path:
     sidecar.write(final, step=step, metrics={"val_loss": 1.0 / step})
     os.replace(tmp, final)
     return final
-
-
-def status(config: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(
-        [*CKPTD, "status", "--config", str(config)], env=env, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def committed(server: FakeWandbServer, artifact: str = "model") -> list[str]:
@@ -133,8 +123,8 @@ def test_bad_key_parks_and_shows_in_status(
     daemon.wait_for_log("ckptd started")
     checkpoint(tmp_path / "model", 1)
     daemon.wait_for_log("model is parked", timeout=60)
-    wait_until(lambda: "PARKED" in status(config, online_env), 30, "status to show the park")
-    shown = status(config, online_env)
+    wait_until(lambda: "PARKED" in ckptd_status(config, online_env), 30, "status to show the park")
+    shown = ckptd_status(config, online_env)
     assert "1 pending" in shown and "PARKED" in shown
     assert online_env["WANDB_API_KEY"] not in shown + daemon.log()
     assert daemon.stop() == 0
@@ -161,7 +151,7 @@ def test_permanent_error_in_one_collection_does_not_stop_another(
     wandb_server.clear_faults()
     checkpoint(tmp_path / "open", 1)
     daemon.wait_for_log("ckpt_1.pt as open:v0", timeout=60)
-    assert "PARKED" in status(config, online_env)
+    assert "PARKED" in ckptd_status(config, online_env)
     assert daemon.stop() == 0
     assert committed(wandb_server, "open") == ["v0"]
     assert committed(wandb_server, "blocked") == []
@@ -182,4 +172,4 @@ def test_give_up_after_marks_failed_and_keeps_files(
     assert daemon.proc.wait(180) == 1, daemon.log()
     assert "gave up on" in daemon.log() and "not published:" in daemon.log()
     assert path.exists()
-    assert "1 failed" in status(config, online_env)
+    assert "1 failed" in ckptd_status(config, online_env)
