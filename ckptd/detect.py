@@ -68,6 +68,7 @@ class Detector:
     fmt: CheckpointFormat = field(init=False)
     _pending: dict[Path, _Pending] = field(default_factory=dict, init=False)
     _done: dict[Path, str] = field(default_factory=dict, init=False)
+    _done_files: dict[Path, frozenset[str]] = field(default_factory=dict, init=False)
     _warned: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
@@ -90,9 +91,13 @@ class Detector:
             return
         pending = self._pending.setdefault(unit, _Pending(first_seen=now, recheck_at=now))
         pending.recheck_at = now
-        # A rename into place is a commit signal for the file renamed; any later write
-        # event withdraws it (the detector then falls back to the settle window).
-        pending.renamed = moved_in and path == unit
+        # A rename into place is a commit signal for the unit renamed; any later write
+        # event withdraws it (the detector then falls back to the settle window). The
+        # moves watchdog synthesizes for a renamed directory's contents keep it.
+        if path == unit:
+            pending.renamed = moved_in
+        elif not moved_in:
+            pending.renamed = False
 
     def scan(self, now: float) -> int:
         """Walk the root for candidates (start-up, rescans, after an overflow); count them."""
@@ -117,6 +122,7 @@ class Detector:
     def mark_done(self, ready: ReadyCheckpoint) -> None:
         """`ready` is in the journal; ignore the unit until its files change."""
         self._done[ready.unit] = ready.fingerprint
+        self._done_files[ready.unit] = _identities(ready.files)
         self._pending.pop(ready.unit, None)
 
     # -- the single step --------------------------------------------------------------------
@@ -156,10 +162,15 @@ class Detector:
             pending.reason = f"cannot read: {exc.strerror or exc}"
             self._warn_once(f"read:{unit}", "cannot read checkpoint %s: %s; will retry", unit, exc)
             return None
-        if verdict.files != pending.files:
-            pending.files, pending.stable_since = verdict.files, now
+        observed = verdict.files + verdict.signals  # trackers restart the window too
+        if observed != pending.files:
+            pending.files, pending.stable_since = observed, now
             pending.ready_since = None
         if self._done.get(unit) == _fingerprint(verdict.files):
+            self.forget(unit)
+            return None
+        if _identities(verdict.files) < self._done_files.get(unit, frozenset()):
+            log.debug("%s lost files since it was published: being deleted", unit)
             self.forget(unit)
             return None
         if not verdict.ready:
@@ -236,6 +247,10 @@ class Detector:
             return
         self._warned.add(key)
         log.warning(message, *args)
+
+
+def _identities(files: tuple[FileState, ...]) -> frozenset[str]:
+    return frozenset(f"{f.name}:{f.size}:{f.ino}:{f.mtime_ns}" for f in files)
 
 
 def _fingerprint(files: tuple[FileState, ...]) -> str:

@@ -79,13 +79,17 @@ class Verdict:
 
     `ready`: finished by the format's rules. `committed`: the format's own commit signal
     (a marker, a rename) proves it finished, so no settle window is needed. `files`: what
-    to publish, as stat'ed during the check.
+    to publish, as stat'ed during the check. `signals`: files outside the unit that told
+    the format it may be finished (a tracker such as Megatron's, named relative to the
+    root), as stat'ed during the check: never published, but a change to one restarts the
+    settle window like a change to `files` does.
     """
 
     ready: bool
     reason: str = ""
     committed: bool = False
     files: tuple[FileState, ...] = ()
+    signals: tuple[FileState, ...] = ()
 
 
 class CheckpointFormat(ABC):
@@ -156,4 +160,7 @@ class FileFormat(CheckpointFormat):
 
 def format_for(watch: WatchConfig) -> CheckpointFormat:
     """The format object for a watch entry (`auto` becomes the detector of every format)."""
-    return FileFormat(watch)
+    # Imported here: the format modules build on the base classes of this module.
+    from ckptd.formats.auto import build
+
+    return build(watch)
