@@ -471,6 +471,14 @@ def test_orbax_commit_and_legacy_rules(tmp_path: Path) -> None:
     assert "commit_success.txt" in fmt.check(unit).reason
 
 
+def test_orbax_empty_commit_file_is_a_commit_in_progress(tmp_path: Path) -> None:
+    """An empty commit_success.txt (created, not yet written, in place) commits nothing."""
+    fmt, unit = written(tmp_path, "orbax")
+    (unit / "commit_success.txt").write_bytes(b"")
+    verdict = fmt.check(unit)
+    assert not verdict.ready and "still being written" in verdict.reason
+
+
 def test_orbax_missing_item_directory(tmp_path: Path) -> None:
     """An item listed in _CHECKPOINT_METADATA without files of its own is not finished."""
     fmt, unit = written(tmp_path, "orbax")

@@ -43,6 +43,10 @@ class OrbaxFormat(DirectoryFormat):
         if problem is not None:
             return problem, False
         if _COMMIT in top:
+            # Written in place (open, write, close) on the commit-file path: an empty file is
+            # a commit still being written. Orbax always writes a line of text into it.
+            if top[_COMMIT].size == 0:
+                return f"{_COMMIT} is still being written", False
             return None, True
         if isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None:
             return None, False
