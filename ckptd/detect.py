@@ -85,6 +85,7 @@ class Detector:
         if path.name.endswith(sidecar.SUFFIX) or path.name == "metrics.json":
             for pending in self._pending.values():
                 pending.recheck_at = now
+            self._late_sidecar(path)
             return
         unit = self.fmt.unit_for(self.root, path)
         if unit is None:
@@ -227,6 +228,21 @@ class Detector:
             description=data["description"],
             source=str(path),
         )
+
+    def _late_sidecar(self, path: Path) -> None:
+        """Warn (once) when a sidecar lands after its checkpoint was queued without it."""
+        base = path.name.removesuffix(sidecar.SUFFIX)
+        owner = path.parent if path.name == "metrics.json" else None
+        for unit in self._done:
+            ours = unit == owner or (unit.parent == path.parent and base in (unit.name, unit.stem))
+            if ours and unit not in self._pending:
+                self._warn_once(
+                    f"late:{path}",
+                    "sidecar %s arrived after %s was queued without it (sidecar.wait is %gs); "
+                    "its metrics and aliases are not applied",
+                    path, unit, self.watch.sidecar.wait,
+                )  # fmt: skip
+                return
 
     def _skip_symlink(self, unit: Path) -> None:
         """A symlinked checkpoint (`last.ckpt -> epoch=3-step=1200.ckpt`) is published through
