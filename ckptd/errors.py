@@ -38,5 +38,12 @@ class PublishError(CkptdError):
         self.retry_after = retry_after
 
 
+class VersionLinked(PublishError):
+    """A version is linked into another collection (a registry); retention keeps it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 class CheckpointChanged(CkptdError):
     """A checkpoint's files changed or vanished while ckptd was reading them."""

@@ -5,6 +5,10 @@ A checkpoint row moves `ready -> hashed -> published -> aliased`, or ends `super
 `failed` (with the reason). Progress lives here, never only in memory: after a crash the
 daemon resumes every row that did not reach an end state.
 
+Retention records everything it deletes in `deletions`: a version (`model:v3`), or the local
+files of a checkpoint (with its row id; such a row is *retired* and keeps its `aliased` state,
+since its version still exists).
+
 Thread safety: one connection, guarded by `_lock`; every method is one short transaction.
 Only one process may open a state_dir (an exclusive flock on `ckptd.lock`), so any lease
 found at start-up belongs to a dead process and is taken back.
@@ -27,7 +31,7 @@ from typing import Any
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.errors import JournalError, StateDirLocked
 
-__all__ = ["END_STATES", "STATES", "Journal", "Row"]
+__all__ = ["END_STATES", "STATES", "Deletion", "Journal", "Row"]
 
 STATES = ("ready", "hashed", "published", "aliased", "superseded", "failed")
 END_STATES = frozenset({"aliased", "superseded", "failed"})
@@ -81,6 +85,15 @@ CREATE TABLE IF NOT EXISTS parked (
     since REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deletions (
+    id INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    checkpoint_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS deletions_by_checkpoint ON deletions (checkpoint_id);
 """
 
 
@@ -118,6 +131,18 @@ class Row:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """Something retention deleted: a version (`target` "model:v3") or the local files of
+    checkpoint `checkpoint_id` (`target` their path)."""
+
+    collection: str
+    target: str
+    reason: str
+    at: float
+    checkpoint_id: int | None
 
 
 def _boot_id() -> str:
@@ -358,6 +383,24 @@ class Journal:
             else:
                 db.execute("DELETE FROM parked WHERE collection = ?", (collection,))
 
+    def record_deletion(
+        self,
+        collection: str,
+        target: str,
+        reason: str,
+        now: float,
+        *,
+        checkpoint_id: int | None = None,
+    ) -> None:
+        """Record that retention deleted `target`; with `checkpoint_id`, that checkpoint's
+        local files are gone (the row is retired)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO deletions (collection, target, reason, at, checkpoint_id) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (collection, target, reason, now, checkpoint_id),
+            )
+
     # -- reading ----------------------------------------------------------------------
 
     def parked(self) -> dict[str, tuple[str, float]]:
@@ -382,12 +425,45 @@ class Journal:
             args = (*wanted, collection)
         return [_row(r) for r in self._query(sql + " ORDER BY collection, step, id", args)]
 
+    def count(self, states: Iterable[str]) -> int:
+        """How many rows are in the given states."""
+        wanted = tuple(states)
+        marks = ", ".join("?" for _ in wanted)
+        rows = self._query(f"SELECT COUNT(*) FROM checkpoints WHERE state IN ({marks})", wanted)
+        return int(rows[0][0])
+
+    def last_published(self) -> Row | None:
+        """The row published most recently, of any collection."""
+        rows = self._query(
+            "SELECT * FROM checkpoints WHERE state IN ('published', 'aliased') "
+            "ORDER BY updated_at DESC, id DESC LIMIT 1",
+            (),
+        )
+        return _row(rows[0]) if rows else None
+
     def best(self, collection: str) -> dict[str, tuple[int, float]]:
         """Each best alias of a collection: (checkpoint id, metric value)."""
         rows = self._query(
             "SELECT alias, checkpoint_id, value FROM best WHERE collection = ?", (collection,)
         )
         return {r["alias"]: (r["checkpoint_id"], r["value"]) for r in rows}
+
+    def deletions(self, collection: str | None = None) -> list[Deletion]:
+        """What retention deleted, oldest first."""
+        sql = "SELECT collection, target, reason, at, checkpoint_id FROM deletions"
+        args: tuple[Any, ...] = ()
+        if collection is not None:
+            sql, args = sql + " WHERE collection = ?", (collection,)
+        return [Deletion(*r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def retired(self, collection: str) -> set[int]:
+        """Ids of the checkpoints of `collection` whose local files retention deleted."""
+        rows = self._query(
+            "SELECT checkpoint_id FROM deletions WHERE collection = ? AND "
+            "checkpoint_id IS NOT NULL",
+            (collection,),
+        )
+        return {r["checkpoint_id"] for r in rows}
 
     def _query(self, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
         if self._db is None:

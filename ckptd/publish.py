@@ -22,6 +22,7 @@ from ckptd.errors import PublishError
 from ckptd.journal import Journal, Row
 from ckptd.metrics import Metrics
 from ckptd.policy import AliasPlan, Candidate, plan_aliases
+from ckptd.retention_exec import Retention
 from ckptd.retry import RetryPolicy
 from ckptd.sinks import PublishRequest, Sink, SinkFile
 
@@ -42,10 +43,12 @@ class Publisher:
         sink: Sink,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        retention: Retention | None = None,
     ) -> None:
         self.config = config
         self.online = config.wandb.mode == "online"
         self.metrics = metrics
+        self.retention = retention
         self.journal = journal
         self.sink = sink
         self.retry = RetryPolicy(config.upload.retry)
@@ -112,6 +115,8 @@ class Publisher:
         if row.snapshot:
             snapshot.remove(Path(row.snapshot))
         self._count_success(row, now)
+        if self.retention is not None:  # never raises: a failed deletion never blocks publishing
+            self.retention.after_publish(row.collection, self.clock())
 
     # -- steps -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ watch:
     aliases:
       templates: ["step-{{step}}"]
       best: [{{metric: val_loss, mode: min, alias: best}}]
+    retention: {{remote: {{keep_last: null}}}}   # every version stays, to be counted
 """
 FAULTS: list[tuple[str, dict[str, object]]] = [
     ("CreateArtifact", {"status": 500}),

@@ -1,8 +1,10 @@
 """Sinks: where published checkpoints go. The contract every implementation keeps.
 
-A sink is called by the publisher only. Calls for one collection never overlap (the
-publisher serialises them to keep versions in step order); calls for different collections
-may run in parallel on different threads.
+A sink is called by the publisher and by retention. Publishing calls for one collection
+never overlap (the publisher serialises them to keep versions in step order); calls for
+different collections may run in parallel on different threads. Retention's calls
+(`versions`, `links`, `delete_version`) for one collection never overlap each other, but may
+run while a version of the same collection is being published, and must not disturb it.
 
 Errors: every method raises `PublishError` with `transient=True` when retrying can help
 (network, timeouts, 5xx, 429 with `retry_after`) and `transient=False` when it cannot (bad
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["PublishRequest", "PublishedVersion", "Sink", "SinkFile"]
+__all__ = ["PublishRequest", "PublishedVersion", "RemoteVersion", "Sink", "SinkFile"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,24 @@ class PublishedVersion:
     committed: bool = True
 
 
+@dataclass(frozen=True)
+class RemoteVersion:
+    """One committed version of a collection, as retention sees it.
+
+    `index` orders versions by creation (3 for "v3"). `step` is None for a version that ckptd
+    did not publish (no ckptd metadata): retention never deletes those. `linked` is True where
+    the listing itself shows the version linked into another collection (a registry); where a
+    listing cannot tell, it is False and retention asks `links()` before it deletes.
+    """
+
+    version: str
+    index: int
+    step: int | None
+    aliases: tuple[str, ...]
+    size: int
+    linked: bool = False
+
+
 class Sink(Protocol):
     """A destination for checkpoint versions."""
 
@@ -65,6 +85,23 @@ class Sink(Protocol):
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
         """Put `alias` on `version` of `collection` (taking it from any other version).
         Raises PublishError(transient=False) where the sink cannot move aliases."""
+        ...
+
+    def versions(self, collection: str, type: str) -> list[RemoteVersion]:
+        """Every committed version of `collection` (oldest first) with its current aliases;
+        [] if the collection does not exist yet. Versions still uploading are not listed.
+        Raises PublishError(transient=False) where the sink cannot list (W&B offline mode)."""
+        ...
+
+    def links(self, collection: str, type: str, version: str) -> tuple[str, ...]:
+        """The other collections (registries) that `version` is linked into; () if none, or
+        if the version does not exist."""
+        ...
+
+    def delete_version(self, collection: str, type: str, version: str) -> None:
+        """Delete `version` of `collection` together with the aliases it holds. A version
+        that is already gone is not an error. Raises `VersionLinked` (never deleting) if the
+        version is linked into another collection, checked at the moment of deletion."""
         ...
 
     def close(self) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.config import Config
-from ckptd.errors import CkptdError, PublishError
-from ckptd.sinks import PublishedVersion, PublishRequest, SinkFile
+from ckptd.errors import CkptdError, PublishError, VersionLinked
+from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile
 
 __all__ = ["WandbSink", "read_api_key"]
 
@@ -34,6 +34,9 @@ _PERMANENT = re.compile(
     re.IGNORECASE,
 )
 _RETRY_AFTER = re.compile(r"retry[- ]after\D{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE)
+# What the public API says when a collection or a version does not exist (yet, or any more).
+_MISSING_COLLECTION = re.compile(r"could not find artifact type", re.IGNORECASE)
+_MISSING_VERSION = re.compile(r"not found|does not exist|could not find", re.IGNORECASE)
 _SDK_RETRIES = 1
 _FINISH_TIMEOUT = 30.0  # seconds a run may take to finish before ckptd stops waiting
 _INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
@@ -93,6 +96,55 @@ class WandbSink:
                 artifact.save()
         except Exception as exc:
             raise self._classify(exc, f"moving {alias!r} to {collection}:{version}") from exc
+
+    def versions(self, collection: str, type: str) -> list[RemoteVersion]:
+        if not self.online:
+            raise PublishError("cannot list versions in offline mode", transient=False)
+        try:
+            path = self._qualified(collection, "").removesuffix(":")
+            try:
+                found = self._public_api().artifact_collection(type, path)
+            except Exception as exc:
+                if _MISSING_COLLECTION.search(str(exc)):
+                    return []
+                raise
+            listed = [_remote_version(artifact) for artifact in found.artifacts()]
+        except Exception as exc:
+            raise self._classify(exc, f"listing the versions of {collection}") from exc
+        return sorted(listed, key=lambda v: v.index)
+
+    def links(self, collection: str, type: str, version: str) -> tuple[str, ...]:
+        _, links = self._artifact_and_links(collection, type, version)
+        return links
+
+    def delete_version(self, collection: str, type: str, version: str) -> None:
+        artifact, links = self._artifact_and_links(collection, type, version)
+        if artifact is None:
+            return  # gone already: deleted by hand, or by an earlier attempt
+        if links:
+            raise VersionLinked(f"{collection}:{version} is linked to {', '.join(links)}")
+        try:
+            artifact.delete(delete_aliases=True)
+        except Exception as exc:
+            raise self._classify(exc, f"deleting {collection}:{version}") from exc
+
+    def _artifact_and_links(
+        self, collection: str, type: str, version: str
+    ) -> tuple[Any, tuple[str, ...]]:
+        """The public API's artifact (None if it does not exist) and the registry collections
+        it is linked into."""
+        if not self.online:
+            raise PublishError("versions cannot be looked up in offline mode", transient=False)
+        try:
+            try:
+                artifact = self._public_api().artifact(self._qualified(collection, version), type)
+            except Exception as exc:
+                if _MISSING_VERSION.search(str(exc)):
+                    return None, ()
+                raise
+            return artifact, tuple(linked.qualified_name for linked in artifact.linked_artifacts)
+        except Exception as exc:
+            raise self._classify(exc, f"looking up {collection}:{version}") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -223,6 +275,20 @@ class WandbSink:
         if self._api_key:
             text = text.replace(self._api_key, "<api-key>")
         return text
+
+
+def _remote_version(artifact: Any) -> RemoteVersion:
+    """A listed artifact as retention sees it; `step` only from metadata ckptd wrote."""
+    metadata = artifact.metadata or {}
+    step = metadata.get("step") if "ckptd" in metadata else None
+    return RemoteVersion(
+        version=artifact.version,
+        index=int(artifact.version.lstrip("v")),
+        step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+        aliases=tuple(artifact.aliases),
+        size=int(artifact.size or 0),
+        linked=bool(artifact.is_link),
+    )
 
 
 def _add_file(artifact: Any, file: SinkFile) -> None:

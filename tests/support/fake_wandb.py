@@ -48,6 +48,7 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import socket
@@ -74,6 +75,7 @@ __all__ = [
     "GraphQLError",
     "RequestRecord",
     "RunInfo",
+    "TimedRequest",
     "VersionInfo",
     "operation_names",
 ]
@@ -111,6 +113,16 @@ class RequestRecord(NamedTuple):
     ``/graphql`` and ``None`` otherwise.
     """
 
+    method: str
+    path: str
+    operation: str | None
+
+
+class TimedRequest(NamedTuple):
+    """A :class:`RequestRecord` with ``at``, the ``time.time()`` at which it arrived (before
+    its body was read), for benchmarks that time a client against the server's view."""
+
+    at: float
     method: str
     path: str
     operation: str | None
@@ -245,6 +257,8 @@ class _StorageObject:
     file_id: str = ""
     upload_id: str | None = None  # multipart upload in progress
     parts: dict[int, tuple[Path, str]] = field(default_factory=dict)  # n -> (path, etag)
+    part_sizes: dict[int, int] = field(default_factory=dict)  # n -> bytes (discarded parts)
+    discarded: bool = False  # bytes were hashed and dropped (``discard_uploads``)
 
     @property
     def uploaded(self) -> bool:
@@ -294,6 +308,7 @@ class _Version:
     manifest_object: _StorageObject | None = None
     manifest_digest: str | None = None
     manifest: dict[str, Any] | None = None
+    links: list[tuple[str, str, str]] = field(default_factory=list)  # registry (e, p, name)
 
     @property
     def version(self) -> str:
@@ -555,6 +570,7 @@ class FakeWandbServer:
         storage_dir: str | os.PathLike[str] | None = None,
         dedup_files: bool = True,
         aliases_on_commit: bool = False,
+        discard_uploads: bool = False,
     ) -> None:
         """Prepare a server; nothing is bound until :meth:`start`.
 
@@ -568,17 +584,25 @@ class FakeWandbServer:
             aliases_on_commit: Hold the aliases of a new version (``latest`` included) until
                 ``CommitArtifact``, so a version whose upload never finishes takes no alias.
                 By default they apply at ``CreateArtifact``, as the protocol notes describe.
+            discard_uploads: Hash the bytes of artifact files (and of multipart parts) and drop
+                them instead of writing them to ``storage_dir``, so that a benchmark measures
+                the client, not this server's disk. ``Content-MD5`` is still checked;
+                manifests and run files are still stored. Discarded files cannot be
+                downloaded (``GET`` answers 410), and an assembled multipart file takes the
+                md5 the client declared, its parts having been checked one by one.
         """
         self.api_key = api_key
         self.entity = entity
         self.features = dict(features or {})
         self.dedup_files = dedup_files
         self.aliases_on_commit = aliases_on_commit
+        self.discard_uploads = discard_uploads
         self._storage_arg = Path(storage_dir) if storage_dir is not None else None
         self._storage: Path | None = None
         self._lock = threading.RLock()
         self._state = _State(entity)
         self._requests: list[RequestRecord] = []
+        self._request_times: list[float] = []  # time.time() of each of _requests
         self._unknown: list[str] = []
         self._faults: list[Fault] = []
         self._auth_failure = False
@@ -679,6 +703,15 @@ class FakeWandbServer:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def timed_requests(self) -> list[TimedRequest]:
+        """Like :attr:`requests`, each with the ``time.time()`` at which it arrived."""
+        with self._lock:
+            return [
+                TimedRequest(at, *record)
+                for at, record in zip(self._request_times, self._requests, strict=True)
+            ]
+
     def operations(self) -> list[str]:
         """The GraphQL operation names seen so far, in arrival order."""
         return [r.operation for r in self.requests if r.operation]
@@ -752,6 +785,23 @@ class FakeWandbServer:
         """The TTL the client set on a version: seconds, ``-2`` disabled, ``None`` inherited."""
         found = self.version(name, ref, project)
         return found.ttl_duration_seconds if found else None
+
+    def link(
+        self,
+        name: str,
+        ref: str,
+        target: str = "wandb-registry-model/production",
+        project: str | None = None,
+    ) -> None:
+        """Link a version into a registry collection ``target`` (``"project/collection"``), as
+        ``artifact.link()`` would; ``FetchLinkedArtifacts`` then reports the link."""
+        with self._lock:
+            collection = self._find_collection(name, project, None)
+            found = self._state.resolve(collection, ref) if collection else None
+            if collection is None or found is None:
+                raise LookupError(f"no live version {name}:{ref}")
+            registry, _, portfolio = target.partition("/")
+            found.links.append((collection.entity, registry, portfolio))
 
     def runs(self) -> list[RunInfo]:
         """All runs created by ``UpsertBucket``, in creation order."""
@@ -880,6 +930,7 @@ class FakeWandbServer:
     def _record(self, method: str, path: str, operation: str | None) -> None:
         with self._lock:
             self._requests.append(RequestRecord(method, path, operation))
+            self._request_times.append(time.time())
 
     def _authorized(self, header: str | None) -> bool:
         with self._lock:
@@ -1215,6 +1266,17 @@ class FakeWandbServer:
             _path, etag = obj.parts[int(part["partNumber"])]
             if str(part.get("hexMD5") or part.get("etag") or "").strip('"') not in ("", etag):
                 raise GraphQLError(f"part {part['partNumber']}: ETag mismatch")
+        if obj.discarded:
+            # Each part's bytes were checked against its Content-MD5 and dropped: there is
+            # nothing to join, so the file is what the client declared.
+            size = sum(obj.part_sizes.values())
+            md5 = obj.expected_md5
+            if md5 is None:
+                raise GraphQLError("completeMultipartUpload: parts discarded, no md5 declared")
+            _discard_parts(obj)
+            obj.upload_id = None
+            self._finish_object(obj, md5, size)
+            return {"completeMultipartUploadArtifact": {"digest": md5}}
         # Joined under the server lock: simple, and other requests merely wait meanwhile.
         digest = hashlib.md5()
         size = 0
@@ -1498,6 +1560,28 @@ class FakeWandbServer:
         result = {"artifact": {"id": version.id}}
         return {"result": result, "deleteArtifact": result}
 
+    def _op_fetch_linked_artifacts(self, variables: Json, query: str) -> Json:
+        version = self._state.versions_by_id.get(variables.get("artifactID") or "")
+        if version is None or version.state == "DELETED":
+            return {"artifact": None}
+        nodes = [_membership_json(self._state, version)]
+        for index, (entity, registry, portfolio) in enumerate(version.links):
+            project = self._state.project(entity, registry)
+            nodes.append(
+                {
+                    "versionIndex": index,
+                    "createdAt": version.updated_at,
+                    "aliases": [],
+                    "artifactCollection": {
+                        "__typename": "ArtifactPortfolio",
+                        "id": _gql_id("ArtifactPortfolio", index + 1),
+                        "name": portfolio,
+                        "project": _project_json(project),
+                    },
+                }
+            )
+        return {"artifact": {"artifactMemberships": {"edges": [{"node": n} for n in nodes]}}}
+
     # Manifests and file URLs.
 
     def _op_artifact_manifest(self, variables: Json, query: str) -> Json:
@@ -1627,6 +1711,7 @@ def _discard_parts(obj: _StorageObject) -> None:
     for path, _etag in obj.parts.values():
         path.unlink(missing_ok=True)
     obj.parts.clear()
+    obj.part_sizes.clear()
 
 
 def _parse_json_object(value: Any) -> dict[str, Any]:
@@ -1687,6 +1772,7 @@ _OPERATIONS: dict[str, _Operation] = {
     "DeleteAliases": FakeWandbServer._op_delete_aliases,
     "UpdateArtifact": FakeWandbServer._op_update_artifact,
     "DeleteArtifact": FakeWandbServer._op_delete_artifact,
+    "FetchLinkedArtifacts": FakeWandbServer._op_fetch_linked_artifacts,
     # Manifests and downloads.
     "FetchArtifactManifest": FakeWandbServer._op_artifact_manifest,
     "ArtifactManifest": FakeWandbServer._op_artifact_manifest,
@@ -1753,6 +1839,30 @@ class _HTTPServer(ThreadingHTTPServer):
         deadline = time.monotonic() + timeout
         for thread, _sock in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _md5_beside(chunks: Iterator[bytes]) -> tuple[Any, int]:
+    """The md5 and size of `chunks`, hashed on a second thread while this one reads on
+    (hashlib releases the GIL), so that one upload streams at the pace of the slower of
+    socket reads and md5 rather than of both in turn."""
+    digest = hashlib.md5()
+    todo: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+
+    def hash_chunks() -> None:
+        while (chunk := todo.get()) is not None:
+            digest.update(chunk)
+
+    hasher = threading.Thread(target=hash_chunks, name="fake-wandb-md5", daemon=True)
+    hasher.start()
+    size = 0
+    try:
+        for chunk in chunks:
+            todo.put(chunk)
+            size += len(chunk)
+    finally:
+        todo.put(None)
+        hasher.join()
+    return digest, size
 
 
 class _Abort(Exception):
@@ -1968,24 +2078,31 @@ class _Handler(BaseHTTPRequestHandler):
             return
         target = obj.path.with_name(f"{obj.id}.part{int(part)}") if part else obj.path
         temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
+        discard = fake.discard_uploads and obj.kind == "artifact-file"
         digest = hashlib.md5()
         size = 0
-        with temp.open("wb") as out:
-            for chunk in self._iter_body():
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+        if discard:
+            digest, size = _md5_beside(self._iter_body())
+        else:
+            with temp.open("wb") as out:
+                for chunk in self._iter_body():
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
         md5 = base64.b64encode(digest.digest()).decode()
         claimed = self.headers.get("Content-MD5")
         if claimed is not None and claimed.strip() != md5:
             temp.unlink(missing_ok=True)
             self._send_json(400, {"error": f"Content-MD5 {claimed} does not match body {md5}"})
             return
-        temp.replace(target)
+        if not discard:
+            temp.replace(target)
         etag = digest.hexdigest()
         with fake._lock:
+            obj.discarded = discard
             if part:
                 obj.parts[int(part)] = (target, etag)
+                obj.part_sizes[int(part)] = size
             else:
                 fake._finish_object(obj, md5, size)
         self._send_status(200, {"ETag": f'"{etag}"'})
@@ -1994,6 +2111,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._drain()
         if obj is None or not obj.uploaded:
             self._send_json(404, {"error": "no such object"})
+            return
+        if obj.discarded:
+            self._send_json(410, {"error": "the bytes were discarded (discard_uploads)"})
             return
         size = obj.path.stat().st_size
         start, end = 0, size - 1
