@@ -25,7 +25,7 @@ __all__ = ["main"]
 log = logging.getLogger("ckptd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-_COMMANDS = ("run", "check", "status")
+_COMMANDS = ("run", "check", "status", "restore", "gc")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,19 +49,27 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true",
         help="publish what is finished, wait until it has landed, and exit",
     )  # fmt: skip
+    run.add_argument(
+        "--until-file", type=Path, metavar="FILE", default=None,
+        help="run until FILE exists (e.g. a training job's done marker), then publish what "
+        "is left and exit as --once does",
+    )  # fmt: skip
     check = commands.add_parser("check", help="validate the config; exit 0 or print errors, exit 2")
     config_arg(check)
     status = commands.add_parser("status", help="journal summary per collection")
     config_arg(status)
+    gc = commands.add_parser("gc", help="retention plan as a table; act unless --dry-run")
+    config_arg(gc)
+    gc.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
+    _restore_parser(commands.add_parser("restore", help="download a published checkpoint"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # `ckptd --config FILE [--once]` is `ckptd run --config FILE [--once]`.
-    if not any(a in _COMMANDS for a in args_list) and not {"-h", "--help", "--version"} & set(
-        args_list
-    ):
+    first = args_list[0] if args_list else ""
+    if first not in _COMMANDS and first not in {"-h", "--help", "--version"}:
         args_list.insert(0, "run")
     args = _parser().parse_args(args_list)
     try:
@@ -77,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "status":
             return _status(config)
-        return _run(config, once=args.once)
+        if args.command == "gc":
+            return _gc(config, dry_run=args.dry_run)
+        if args.command == "restore":
+            return _restore(config, args)
+        return _run(config, once=args.once, until_file=args.until_file)
     except CkptdError as exc:
         print(f"ckptd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
-def _run(config: Config, *, once: bool) -> int:
+def _run(config: Config, *, once: bool, until_file: Path | None = None) -> int:
     from ckptd.logs import setup_logging
     from ckptd.service import Service
     from ckptd.sinks.wandb import WandbSink, read_api_key
@@ -113,8 +125,9 @@ def _run(config: Config, *, once: bool) -> int:
         service.start()
         if stop.is_set():
             return EXIT_OK
-        succeeded = service.run(stop, once=once)
-        if once and not succeeded:
+        succeeded = service.run(stop, once=once, until_file=until_file)
+        finishing = once or (until_file is not None and not stop.is_set())
+        if finishing and not succeeded:
             for problem in service.problems():
                 log.error("not published: %s", problem)
             return EXIT_FAILURE
@@ -158,4 +171,105 @@ def _status(config: Config) -> int:
         for row in mine:
             if row.state in ("ready", "hashed", "failed") and row.last_error:
                 print(f"  {row.state} {row.relpath} (step {row.step}): {row.last_error}")
+    return EXIT_OK
+
+
+def _gc(config: Config, *, dry_run: bool) -> int:
+    import textwrap
+    import time
+
+    from ckptd.errors import StateDirLocked
+    from ckptd.logs import setup_logging
+    from ckptd.retention_exec import Retention
+    from ckptd.sinks.wandb import WandbSink, read_api_key
+
+    api_key = read_api_key(config)
+    setup_logging(config.log.format, config.log.level, [api_key or ""])
+    if config.wandb.mode == "online" and not api_key:
+        raise CkptdError("wandb.mode is online but no API key was found: set WANDB_API_KEY")
+    journal = Journal(config.state_dir)
+    try:
+        journal.open(exclusive=not dry_run)
+    except StateDirLocked as exc:
+        raise CkptdError(
+            f"{exc}. `ckptd gc` deletes only while the daemon is stopped (a running daemon "
+            "applies retention itself after each publish): stop it, or use --dry-run"
+        ) from None
+    sink = WandbSink(config, api_key)
+    try:
+        retention = Retention(config, journal, sink)
+        before, planned, now = len(journal.deletions()), 0, time.time()
+        for watch in config.watch:
+            plan = retention.run(watch, now, dry_run=dry_run)
+            planned += len(plan.deletions)
+            print(f"{watch.artifact} ({watch.path}):")
+            print(textwrap.indent(plan.table(), "  "))
+        deleted = len(journal.deletions()) - before
+        failures = retention.failures()
+    finally:
+        sink.close()
+        journal.close()
+    for target, error in failures.items():
+        print(f"ckptd: {target}: {error}", file=sys.stderr)
+    if dry_run:
+        print(f"dry run: {planned} deletion(s) planned, nothing deleted")
+    else:
+        print(f"deleted {deleted} of {planned} planned; each is recorded in the journal")
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _restore_parser(p: argparse.ArgumentParser) -> None:
+    from ckptd.restore import version_ref
+
+    p.description = (
+        "Download the first of the given aliases (or the version) that exists into DIR. "
+        "Exit 0 when restored, when nothing is published yet, or when --if-missing skipped; "
+        "1 on a real error (key, network, corrupt download, none of the aliases exists)."
+    )
+    p.add_argument("artifact", metavar="ARTIFACT", help="artifact collection name")
+    p.add_argument("--to", required=True, type=Path, metavar="DIR", help="destination")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--alias", action="append", default=[], type=_alias_arg, metavar="A",
+        help="alias to try, in order (repeatable; default: latest)",
+    )  # fmt: skip
+    which.add_argument("--version", type=version_ref, metavar="vN", help="a version instead")
+    p.add_argument("--project", help="W&B project (default: config, then WANDB_PROJECT)")
+    p.add_argument("--entity", help="W&B entity (default: config, WANDB_ENTITY, the key's)")
+    p.add_argument(
+        "--if-missing", action="store_true", help="do nothing when DIR already has a checkpoint"
+    )
+    p.add_argument(
+        "--config", "-c", type=Path, default=None,
+        help="config file for project, entity, base_url and api_key_file",
+    )  # fmt: skip
+
+
+def _alias_arg(text: str) -> str:
+    from ckptd.config import valid_alias
+
+    if not valid_alias(text):
+        raise argparse.ArgumentTypeError(f"an alias has no '/' or ':', got {text!r}")
+    return text
+
+
+def _restore(config: Config, args: argparse.Namespace) -> int:
+    from ckptd.logs import setup_logging
+    from ckptd.restore import Target, restore
+    from ckptd.sinks.wandb import read_api_key
+
+    api_key = read_api_key(config)
+    setup_logging(config.log.format, config.log.level, [api_key or ""])
+    if not api_key:
+        raise CkptdError(
+            "no W&B API key: set WANDB_API_KEY, wandb.api_key_file in --config, or systemd's "
+            "LoadCredential=wandb-api-key"
+        )
+    target = Target.resolve(
+        config, explicit_config=args.config is not None,
+        project=args.project, entity=args.entity, api_key=api_key,
+    )  # fmt: skip
+    refs = [args.version] if args.version else args.alias or ["latest"]
+    result = restore(args.artifact, args.to, target, refs=refs, if_missing=args.if_missing)
+    print(result.message)
     return EXIT_OK

@@ -28,7 +28,9 @@ from ckptd.errors import CheckpointChanged, JournalError
 from ckptd.hashing import md5_b64
 from ckptd.journal import Journal, Row
 from ckptd.metrics import HealthServer, Metrics
+from ckptd.notify import SystemdNotifier
 from ckptd.publish import Publisher
+from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
 from ckptd.watcher import Hint, Watcher
 
@@ -67,8 +69,10 @@ class Service:
         self._sink_factory = sink_factory
         self.sink: Sink | None = None
         self.publisher: Publisher | None = None
+        self.retention: Retention | None = None
         self.metrics = Metrics()
         self.health: HealthServer | None = None
+        self.notifier = SystemdNotifier.from_env()
         # Owned by the coordinator thread only:
         self._hashers: ThreadPoolExecutor | None = None
         self._publishers: ThreadPoolExecutor | None = None
@@ -90,7 +94,10 @@ class Service:
         self.journal.unpark()
         self.staging.mkdir(parents=True, exist_ok=True)
         self.sink = self._sink_factory(self.config)
-        self.publisher = Publisher(self.config, self.journal, self.sink, self.metrics, self.clock)
+        self.retention = Retention(self.config, self.journal, self.sink)
+        self.publisher = Publisher(
+            self.config, self.journal, self.sink, self.metrics, self.clock, self.retention
+        )
         workers = self.config.upload.workers
         self._hashers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-hash")
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
@@ -105,14 +112,23 @@ class Service:
             len(self.config.watch), "y" if len(self.config.watch) == 1 else "ies",
             self.config.state_dir, self.config.wandb.mode,
         )  # fmt: skip
+        self.notifier.ready(self.status_line())
 
-    def run(self, stop: threading.Event, *, once: bool = False) -> bool:
+    def run(
+        self, stop: threading.Event, *, once: bool = False, until_file: Path | None = None
+    ) -> bool:
         """Iterate until `stop` is set (or, with `once`, until all finished work landed).
 
+        `until_file`: once this file exists (a training job's "done" marker), rescan and
+        carry on as `once` would: publish what is finished, then return.
         Returns True when nothing is left failed or parked (the `--once` exit status).
         """
         once_deadline = self.clock() + self._once_patience() if once else math.inf
         while not stop.is_set():
+            if not once and until_file is not None and until_file.exists():
+                log.info("%s exists: publishing what is left, then exiting", until_file)
+                once, once_deadline = True, self.clock() + self._once_patience()
+                self._next_rescan = [0.0 for _ in self._next_rescan]
             now = self.clock()
             try:
                 due = self.run_once(now)
@@ -121,6 +137,7 @@ class Service:
                 # again shortly; nothing was lost, the journal is transactional.
                 self._report_journal_problem(exc)
                 due = now + _JOURNAL_RETRY
+            self.notifier.tick(now, self.status_line())
             if once and self.idle(now, once_deadline):
                 break
             self.wake.wait(max(0.0, min(due - self.clock(), _IDLE_WAKE)))
@@ -140,6 +157,7 @@ class Service:
     def shutdown(self) -> None:
         """Stop watching, let in-flight work finish up to shutdown_timeout, close all."""
         self._stopping = True
+        self.notifier.stopping()
         if self.health is not None:
             self.health.stop()
         self.watcher.stop()
@@ -170,6 +188,7 @@ class Service:
             self.sink.close()
         self.journal.close()
         log.info("ckptd stopped; %d checkpoint(s) pending for the next start", pending)
+        self.notifier.close()
 
     # -- the single step ---------------------------------------------------------------------
 
@@ -190,6 +209,7 @@ class Service:
             min((d.next_due() for d in self.detectors), default=math.inf),
             min(self._next_rescan, default=math.inf),
             self._next_retry(),
+            self.retention.next_due() if self.retention is not None else math.inf,
         )
 
     def _take_hints(self, now: float) -> None:
@@ -301,6 +321,14 @@ class Service:
         for collection, count in depth.items():
             self.metrics.queue_depth.labels(collection=collection).set(count)
             self.metrics.parked.labels(collection=collection).set(int(collection in parked))
+        assert self.retention is not None
+        for collection in self.retention.due(now):
+            busy = self._publishing.get(collection)
+            if collection not in by_collection and (busy is None or busy.done()):
+                # A deletion failed earlier and no publish is coming to retry it.
+                self._publishing[collection] = self._publishers.submit(
+                    self.retention.after_publish, collection, now
+                )
         for collection, row in by_collection.items():
             busy = self._publishing.get(collection)
             if busy is not None and not busy.done():
@@ -361,6 +389,21 @@ class Service:
         if parked:
             return f"parked: {', '.join(sorted(parked))}"
         return None
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: queue depth and the last version published."""
+        try:
+            pending = self.journal.count(("ready", "hashed"))
+            last = self.journal.last_published()
+            parked = self.journal.parked()
+        except JournalError as exc:
+            return f"journal unavailable: {exc}"
+        text = f"{pending} pending"
+        if last is not None:
+            text += f", last published {last.collection}:{last.version or '<offline>'}"
+        if parked:
+            text += f"; parked: {', '.join(sorted(parked))}"
+        return text
 
     def problems(self) -> list[str]:
         """What `--once` reports as not published: failed rows and parked collections."""
