@@ -358,6 +358,14 @@ class Journal:
                 )
         return row
 
+    def seed_best(self, collection: str, alias: str, value: float) -> None:
+        """Record a best alias's value learnt from W&B (a fresh journal on a new host); it
+        never overrides a value this journal already holds."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO best VALUES (?, ?, ?, ?)", (collection, alias, -1, value)
+            )
+
     def claim(self, row_id: int, now: float, lease: float) -> None:
         """Lease a row to this process for `lease` seconds (recorded with pid and boot id)."""
         self.update(row_id, now, lease_owner=self.owner, lease_expires=now + lease)

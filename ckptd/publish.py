@@ -21,7 +21,7 @@ from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError
 from ckptd.journal import Journal, Row
 from ckptd.metrics import Metrics
-from ckptd.policy import AliasPlan, Candidate, plan_aliases
+from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
 from ckptd.retention_exec import Retention
 from ckptd.retry import RetryPolicy
 from ckptd.sinks import PublishRequest, Sink, SinkFile
@@ -55,6 +55,12 @@ class Publisher:
         self.clock = clock
         self._watches = {(w.artifact, str(w.path)): w for w in config.watch}
         self._host = socket.gethostname()
+        # What W&B knew before this journal did (a new host, a lost state_dir): per
+        # collection, the highest step published and the version holding it. Filled once
+        # per collection by _learn_from_remote; only the thread publishing that collection
+        # touches its entry.
+        self._remote_highest: dict[str, tuple[int, str]] = {}
+        self._learnt: set[str] = set()
 
     def watch_of(self, row: Row) -> WatchConfig:
         return self._watches[(row.collection, row.watch_path)]
@@ -108,8 +114,12 @@ class Publisher:
         watch = self.watch_of(row)
         published = self.journal.rows(row.collection, _PUBLISHED)
         holder = max(published, key=lambda r: (r.step, r.id))
-        if watch.aliases.latest and holder.id != row.id and self.online:
-            self._repoint_latest(row, holder, watch)
+        step, version = holder.step, holder.version
+        remote = self._remote_highest.get(row.collection)
+        if remote is not None and remote[0] > step:
+            step, version = remote
+        if watch.aliases.latest and version != row.version and step > row.step and self.online:
+            self._repoint_latest(row, step, version, watch)
         now = self.clock()
         self.journal.transition(row.id, "aliased", now)
         if row.snapshot:
@@ -122,10 +132,44 @@ class Publisher:
 
     def _plan(self, row: Row, watch: WatchConfig) -> AliasPlan:
         published = self.journal.rows(row.collection, _PUBLISHED)
-        highest = max((r.step for r in published), default=None)
+        if not published:
+            self._learn_from_remote(row.collection, watch)
+        steps = [r.step for r in published]
+        if row.collection in self._remote_highest:
+            steps.append(self._remote_highest[row.collection][0])
+        highest = max(steps, default=None)
         best = {alias: value for alias, (_, value) in self.journal.best(row.collection).items()}
         candidate = Candidate(row.step, row.info.epoch, row.info.metrics, row.info.aliases)
         return plan_aliases(watch.aliases, candidate, highest, best)
+
+    def _learn_from_remote(self, collection: str, watch: WatchConfig) -> None:
+        """A journal with nothing published in this collection may be a new host or a lost
+        state_dir: read W&B's versions once, so that `best` and `latest` keep their places
+        (each best alias's current value from its holder's metadata, and the highest step)."""
+        if collection in self._learnt or not self.online:
+            return
+        try:
+            versions = self.sink.versions(collection, watch.type)
+        except PublishError as exc:
+            log.warning(
+                "%s: cannot read its versions on W&B (%s); best and latest are decided from "
+                "this journal alone until it can", collection, exc,
+            )  # fmt: skip
+            return
+        self._learnt.add(collection)
+        ours = [v for v in versions if v.step is not None]
+        if ours:
+            top = max(ours, key=lambda v: (v.step or 0, v.index))
+            self._remote_highest[collection] = (top.step or 0, top.version)
+        for rule in watch.aliases.best:
+            holder = next((v for v in ours if rule.alias_name in v.aliases), None)
+            value = None if holder is None else metric_value(holder.metrics, rule.metric)
+            if holder is not None and value is not None:
+                self.journal.seed_best(collection, rule.alias_name, value)
+                log.info(
+                    "%s: %s is on %s with %s=%g on W&B; new checkpoints must beat it",
+                    collection, rule.alias_name, holder.version, rule.metric, value,
+                )  # fmt: skip
 
     def _same_content(self, row: Row) -> Row | None:
         for other in self.journal.rows(row.collection, _PUBLISHED):
@@ -133,9 +177,8 @@ class Publisher:
                 return other
         return None
 
-    def _repoint_latest(self, row: Row, holder: Row, watch: WatchConfig) -> None:
+    def _repoint_latest(self, row: Row, step: int, version: str | None, watch: WatchConfig) -> None:
         """An older step was published last and took `latest`; give it back to the highest."""
-        version = holder.version
         if version is None:
             return
         try:
@@ -144,12 +187,12 @@ class Publisher:
             )
             log.info(
                 "%s: moved 'latest' back to %s (step %d) after publishing step %d late",
-                row.collection, version, holder.step, row.step,
+                row.collection, version, step, row.step,
             )  # fmt: skip
         except PublishError as exc:
             log.error(
                 "%s: could not move 'latest' back to %s (step %d): %s",
-                row.collection, holder.version, holder.step, exc,
+                row.collection, version, step, exc,
             )  # fmt: skip
 
     def _count_success(self, row: Row, now: float) -> None:

@@ -5,6 +5,7 @@ highest step when an older checkpoint lands late."""
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,35 @@ def test_latest_goes_back_to_the_highest_step_after_a_late_older_checkpoint(
     found = holders(wandb_server, "late")
     assert found["latest"] == 10
     assert found["best"] == 5
+
+
+def test_empty_journal_keeps_best_and_latest_where_they_belong(
+    tmp_path: Path,
+    wandb_server: FakeWandbServer,
+    online_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A new host (an empty state_dir) learns the best value and the highest step from W&B:
+    a worse checkpoint does not take `best`, and an older one does not keep `latest`."""
+    entries = {"fresh": PATTERNS["best-latest"]}
+    path = config(tmp_path, wandb_server, entries)
+    first = start_daemon("--config", str(path), env=online_env)
+    first.wait_for_log("ckptd started")
+    for step, loss in ((10, 0.5), (20, 0.2), (30, 0.4)):
+        write(tmp_path / "fresh", step, {"val_loss": loss})
+    first.wait_for_log("ckpt_30.pt as fresh:v2")
+    assert first.stop() == 0
+    shutil.rmtree(tmp_path / "state")
+    for name in ("ckpt_10.pt", "ckpt_20.pt", "ckpt_30.pt"):  # the new host has only new files
+        (tmp_path / "fresh" / name).unlink()
+    second = start_daemon("--config", str(path), env=online_env)
+    second.wait_for_log("ckptd started")
+    write(tmp_path / "fresh", 25, {"val_loss": 0.3})  # worse than 0.2, older than step 30
+    second.wait_for_log("ckpt_25.pt as fresh:v3")
+    second.wait_for_log("moved 'latest' back to v2")
+    write(tmp_path / "fresh", 40, {"val_loss": 0.25})  # newer, still worse
+    second.wait_for_log("ckpt_40.pt as fresh:v4")
+    assert second.stop() == 0
+    assert "best is on v1 with val_loss=0.2 on W&B" in second.log()
+    found = holders(wandb_server, "fresh")
+    assert (found["best"], found["latest"]) == (20, 40)

@@ -13,6 +13,7 @@ key, no permission, an invalid name); nothing else escapes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +72,7 @@ class RemoteVersion:
     aliases: tuple[str, ...]
     size: int
     linked: bool = False
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # as ckptd recorded them
 
 
 class Sink(Protocol):

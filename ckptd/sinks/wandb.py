@@ -281,6 +281,7 @@ def _remote_version(artifact: Any) -> RemoteVersion:
     """A listed artifact as retention sees it; `step` only from metadata ckptd wrote."""
     metadata = artifact.metadata or {}
     step = metadata.get("step") if "ckptd" in metadata else None
+    metrics = metadata.get("metrics") if "ckptd" in metadata else None
     return RemoteVersion(
         version=artifact.version,
         index=int(artifact.version.lstrip("v")),
@@ -288,6 +289,7 @@ def _remote_version(artifact: Any) -> RemoteVersion:
         aliases=tuple(artifact.aliases),
         size=int(artifact.size or 0),
         linked=bool(artifact.is_link),
+        metrics=metrics if isinstance(metrics, dict) else {},
     )
 
 
