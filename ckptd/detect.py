@@ -18,6 +18,7 @@ from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.config import WatchConfig
 from ckptd.errors import SidecarError
 from ckptd.formats import CheckpointFormat, format_for
+from ckptd.formats.checks import UNREADABLE
 
 __all__ = ["Detector", "ReadyCheckpoint"]
 
@@ -176,6 +177,10 @@ class Detector:
             return None
         if not verdict.ready:
             pending.reason = verdict.reason
+            if UNREADABLE in verdict.reason:
+                self._warn_once(
+                    f"read:{unit}", "checkpoint %s: %s; will retry", unit, verdict.reason
+                )
             return None
         settled = verdict.committed or pending.renamed or self._settled(pending, now)
         if not settled:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 _IDLE_WAKE = 1.0  # seconds: the longest the coordinator sleeps with nothing due
 _LEASE = 6 * 3600.0  # seconds a publish may hold its row; the state_dir lock is the real guard
 _HASH_RETRY = 30.0  # seconds before hashing an unreadable snapshot again
+_CRASH_RETRY = 60.0  # seconds before retrying a publish that failed in an unexpected way
 _JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
 
 
@@ -81,6 +82,7 @@ class Service:
         self._next_rescan = [0.0 for _ in config.watch]
         self._stopping = False
         self._last_journal_problem: str | None = None
+        self._snapshot_failures: dict[Path, int] = {}  # unit -> failed snapshot attempts
 
     @property
     def staging(self) -> Path:
@@ -241,8 +243,16 @@ class Service:
             log.info("%s; waiting for it to settle again", exc)
             return
         except OSError as exc:
-            log.error("cannot snapshot %s into %s: %s; will retry", ready.unit, dest, exc)
+            failures = self._snapshot_failures[ready.unit] = (
+                self._snapshot_failures.get(ready.unit, 0) + 1
+            )
+            if failures & (failures - 1) == 0:  # attempts 1, 2, 4, 8, ...
+                log.error(
+                    "cannot snapshot %s into %s: %s (attempt %d); retrying: is state_dir full "
+                    "or read-only?", ready.unit, self.staging, exc.strerror or exc, failures,
+                )  # fmt: skip
             return
+        self._snapshot_failures.pop(ready.unit, None)
         try:
             self.journal.add(
                 collection=watch.artifact, watch_path=watch.path, relpath=ready.relpath,
@@ -347,8 +357,16 @@ class Service:
                 self.publisher.finish(row)
             else:
                 self.publisher.publish(row)
-        except Exception:
-            log.exception("publishing %s crashed; it stays queued", row.source)
+        except JournalError as exc:
+            self._report_journal_problem(exc)  # the row stays queued and is tried again
+        except Exception as exc:
+            log.exception("publishing %s crashed; it stays queued, next try in %.0fs",
+                          row.source, _CRASH_RETRY)  # fmt: skip
+            now = self.clock()
+            with contextlib.suppress(JournalError):
+                self.journal.update(
+                    row.id, now, next_attempt_at=now + _CRASH_RETRY, last_error=repr(exc)
+                )
             raise
 
     def _next_retry(self) -> float:

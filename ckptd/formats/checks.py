@@ -249,6 +249,9 @@ def check_file(path: Path) -> str | None:
     return guarded(check, path)
 
 
+UNREADABLE = "cannot read"
+
+
 def guarded(check: Callable[[Path], str | None], path: Path) -> str | None:
     """Run `check`; an unreadable file is a problem to retry, a vanished one propagates."""
     try:
@@ -256,4 +259,4 @@ def guarded(check: Callable[[Path], str | None], path: Path) -> str | None:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
+        return f"{UNREADABLE} {path}: {exc.strerror or exc}"
