@@ -4,14 +4,12 @@ highest step when an older checkpoint lands late."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptd import sidecar
 from tests.conftest import Daemon
+from tests.support.checkpoints import renamed_in
 from tests.support.fake_wandb import FakeWandbServer
 
 PATTERNS = {
@@ -52,11 +50,7 @@ def config(tmp_path: Path, server: FakeWandbServer, entries: dict[str, str]) -> 
 
 
 def write(root: Path, step: int, metrics: dict[str, float], epoch: int | None = None) -> None:
-    final = root / f"ckpt_{step}.pt"
-    with zipfile.ZipFile(final.with_name(final.name + ".tmp"), "w") as z:
-        z.writestr("w", os.urandom(2000))
-    sidecar.write(final, step=step, epoch=epoch, metrics=metrics)
-    os.replace(final.with_name(final.name + ".tmp"), final)
+    renamed_in(root, f"ckpt_{step}.pt", 2000, step=step, epoch=epoch, metrics=metrics)
 
 
 def holders(server: FakeWandbServer, name: str) -> dict[str, int]:

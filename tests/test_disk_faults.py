@@ -4,16 +4,14 @@ clearly, retried, and lose nothing; the daemon keeps running through them."""
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from ckptd import sidecar
 from tests.conftest import CKPTD, Daemon, wait_until
+from tests.support.checkpoints import renamed_in
 
 CONFIG = """\
 state_dir: {state}
@@ -36,13 +34,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def checkpoint(root: Path, step: int) -> Path:
-    final = root / f"ckpt_{step}.pt"
-    tmp = root / f".{final.name}.tmp"
-    with zipfile.ZipFile(tmp, "w") as z:
-        z.writestr("w", os.urandom(100_000))
-    sidecar.write(final, step=step, metrics={"val_loss": 1.0})
-    os.replace(tmp, final)
-    return final
+    return renamed_in(root, f"ckpt_{step}.pt", 100_000, step=step, metrics={"val_loss": 1.0})
 
 
 def fill(mount: Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from ckptd import sidecar
 from tests.conftest import Daemon, wait_until
+from tests.support.checkpoints import renamed_in
 from tests.support.wandb_offline import OfflineArtifact, artifacts
 
 CONFIG = """\
@@ -32,12 +32,7 @@ watch:
 
 def write_checkpoint(root: Path, name: str, payload: bytes) -> Path:
     """Write a zip checkpoint under a temp name and rename it into place, as torch users do."""
-    final = root / name
-    tmp = root / f".{name}.tmp"
-    with zipfile.ZipFile(tmp, "w") as z:
-        z.writestr("data.pkl", payload)
-    os.replace(tmp, final)
-    return final
+    return renamed_in(root, name, payload)
 
 
 def md5_b64(path: Path) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ckptd import sidecar
 from tests.conftest import Daemon, wait_until
+from tests.support.checkpoints import renamed_in
 from tests.support.fake_wandb import FakeWandbServer
 
 CONFIG = """\
@@ -29,11 +29,7 @@ watch:
 
 
 def write_by_rename(root: Path, name: str, payload: bytes) -> Path:
-    tmp, final = root / f"{name}.tmp", root / name
-    with zipfile.ZipFile(tmp, "w") as z:
-        z.writestr("data.pkl", payload)
-    os.replace(tmp, final)
-    return final
+    return renamed_in(root, name, payload)
 
 
 def start(

@@ -3,15 +3,13 @@ version lands; permanent ones park the collection, keep its queue, and show in s
 
 from __future__ import annotations
 
-import os
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ckptd import sidecar
 from tests.conftest import Daemon, ckptd_status, wait_until
+from tests.support.checkpoints import renamed_in
 from tests.support.fake_wandb import FakeWandbServer
 
 CONFIG = """\
@@ -41,13 +39,7 @@ def setup(tmp_path: Path, server: FakeWandbServer, *artifacts: str, give_up: str
 
 
 def checkpoint(root: Path, step: int) -> Path:
-    final = root / f"ckpt_{step}.pt"
-    tmp = root / f".ckpt_{step}.pt.tmp"
-    with zipfile.ZipFile(tmp, "w") as z:
-        z.writestr("w", os.urandom(3000))
-    sidecar.write(final, step=step, metrics={"val_loss": 1.0 / step})
-    os.replace(tmp, final)
-    return final
+    return renamed_in(root, f"ckpt_{step}.pt", step=step, metrics={"val_loss": 1.0 / step})
 
 
 def committed(server: FakeWandbServer, artifact: str = "model") -> list[str]:

@@ -3,10 +3,8 @@ relies on, configs that ckptd accepts, a Job handshake that works, and a sane Do
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,6 +15,7 @@ import yaml
 from ckptd import sidecar
 from ckptd.config import Config, load_config
 from tests.conftest import CKPTD, wait_until
+from tests.support.checkpoints import renamed_in
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "kubernetes"
@@ -177,9 +176,7 @@ def test_job_handshake_is_consistent() -> None:
 
 
 def write_checkpoint(ck: Path, name: str) -> None:
-    with zipfile.ZipFile(ck / f"{name}.tmp", "w") as z:
-        z.writestr("data.pkl", os.urandom(4096))
-    (ck / f"{name}.tmp").replace(ck / name)
+    renamed_in(ck, name, 4096)
 
 
 def start_job_ckptd(

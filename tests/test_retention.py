@@ -13,19 +13,18 @@ import os
 import re
 import shutil
 import subprocess
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from ckptd import sidecar
 from ckptd.checkpoint import CheckpointInfo, stat_files
 from ckptd.config import Config, load_config
 from ckptd.journal import Journal
 from ckptd.retention_exec import Retention
 from ckptd.sinks.wandb import WandbSink
 from tests.conftest import CKPTD, Daemon, wait_until
+from tests.support.checkpoints import renamed_in
 from tests.support.fake_wandb import FakeWandbServer, VersionInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +74,8 @@ def write_checkpoint(
     root: Path, step: int, *, size: int = 20_000, aliases: tuple[str, ...] = ()
 ) -> Path:
     """A sidecar, then a zip checkpoint renamed into place (finished at once)."""
-    final = root / f"ckpt_{step}.pt"
-    sidecar.write(final, step=step, metrics={"val_loss": LOSSES.get(step, 1.0)}, aliases=aliases)
-    tmp = root / f".ckpt_{step}.pt.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("data.pkl", os.urandom(size))
-    os.replace(tmp, final)
-    return final
+    metrics = {"val_loss": LOSSES.get(step, 1.0)}
+    return renamed_in(root, f"ckpt_{step}.pt", size, step=step, metrics=metrics, aliases=aliases)
 
 
 def live(server: FakeWandbServer) -> dict[int, VersionInfo]:
