@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from ckptd.errors import ConfigError
+from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -269,6 +270,13 @@ class WatchConfig(_Model):
                 f"an artifact name is 1 to 128 letters, digits, '-', '_' or '.', got {name!r}"
             )
         return name
+
+    @field_validator("run_path")
+    @classmethod
+    def _run_path_shape(cls, run_path: str | None) -> str | None:
+        if run_path is not None and not valid_run_path(run_path):
+            raise ValueError(f"a run path is {RUN_PATH_SHAPE}, got {run_path!r}")
+        return run_path
 
     @field_validator("patterns")
     @classmethod

@@ -19,11 +19,27 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_SIDECAR_BYTES", "SUFFIX", "candidates", "parse", "read", "write"]
+__all__ = [
+    "MAX_SIDECAR_BYTES",
+    "RUN_PATH_SHAPE",
+    "SUFFIX",
+    "candidates",
+    "parse",
+    "read",
+    "valid_run_path",
+    "write",
+]
 
 SUFFIX = ".metrics.json"
 MAX_SIDECAR_BYTES = 1 << 20
 _KNOWN = {"step", "epoch", "metrics", "aliases", "metadata", "run_path", "description"}
+RUN_PATH_SHAPE = "entity/project/run_id (three non-empty parts)"
+
+
+def valid_run_path(run_path: str) -> bool:
+    """Whether `run_path` has the shape of a W&B run path, `entity/project/run_id`."""
+    parts = run_path.split("/")
+    return len(parts) == 3 and all(part and part == part.strip() for part in parts)
 
 
 def write(
@@ -152,5 +168,7 @@ def parse(data: bytes, path: Path) -> dict[str, Any]:
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             raise fail(f"{key!r} must be a string, got {value!r}")
+        if key == "run_path" and value is not None and not valid_run_path(value):
+            raise fail(f"'run_path' must be {RUN_PATH_SHAPE}, got {value!r}")
         out[key] = value
     return out

@@ -342,6 +342,62 @@ def test_bad_api_key_fails_wandb_init(server: FakeWandbServer, tmp_path: Path) -
     assert result == {"error": "CommError"}
 
 
+def test_run_query_and_public_log_artifact_record_lineage_without_moving_aliases(
+    server: FakeWandbServer, tmp_path: Path
+) -> None:
+    """`Api().run(path)` reads runs made by `create_run` or `wandb.init` and raises for a
+    missing one; `Run.log_artifact` on an older version makes that run an output of it without
+    a new version and without touching any alias (`latest` stays on the newest)."""
+    server.create_run(DEFAULT_ENTITY, PROJECT, "train-1", display_name="pretrain")
+    sources = []
+    for step in range(2):
+        path = tmp_path / f"m{step}.bin"
+        path.write_bytes(os.urandom(1024 + step))
+        sources.append(path)
+    result = run_sdk(
+        tmp_path,
+        f"""
+        upload = start_run()
+        publish(upload, {str(sources[0])!r}, aliases=["best"])
+        publish(upload, {str(sources[1])!r})
+        upload.finish()
+        trainer = wandb.init(project=PROJECT, entity=ENTITY, job_type="train",
+                             reinit="create_new")
+        trainer.finish()
+
+        api = wandb.Api()
+        path = f"{{ENTITY}}/{{PROJECT}}/ckpt"
+        helper_run = api.run(f"{{ENTITY}}/{{PROJECT}}/train-1")
+        logged = helper_run.log_artifact(api.artifact(path + ":v0"))
+        sdk_run = api.run(f"{{ENTITY}}/{{PROJECT}}/{{trainer.id}}")
+        sdk_run.log_artifact(api.artifact(path + ":v1"))
+        try:
+            api.run(f"{{ENTITY}}/{{PROJECT}}/no-such-run")
+            missing = None
+        except Exception as exc:
+            missing = f"{{type(exc).__name__}}: {{exc}}"
+        emit(upload=upload.id, trainer=trainer.id, logged=logged.version,
+             helper=[helper_run.id, helper_run.name, helper_run.state, helper_run.job_type],
+             sdk=[sdk_run.id, sdk_run.job_type], missing=missing)
+        """,
+    )
+    upload, trainer = result["upload"], result["trainer"]
+    assert result["helper"] == ["train-1", "pretrain", "finished", "train"]
+    assert result["sdk"] == [trainer, "train"]
+    assert result["missing"].startswith("CommError: Could not find run")  # RunNotFoundError
+    assert result["logged"] == "v0"
+    assert server.created_versions == 2
+    v0, v1 = server.versions("ckpt")
+    assert v0.output_runs == {upload, "train-1"} and v0.run == upload
+    assert v1.output_runs == {upload, trainer}
+    assert server.output_runs("ckpt", "v1") == {upload, trainer}
+    assert (v0.aliases, v1.aliases) == ({"best"}, {"latest"})
+    by_name = {r.name: r for r in server.runs()}
+    assert by_name["train-1"].logged_artifacts == (v0.id,)
+    assert by_name[upload].logged_artifacts == (v0.id, v1.id)
+    assert server.operations().count("Run") == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Protocol edges, straight over HTTP.
 

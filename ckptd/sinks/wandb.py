@@ -22,6 +22,7 @@ from typing import Any
 
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
+from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
 from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile
 
 __all__ = ["WandbSink", "read_api_key"]
@@ -72,6 +73,7 @@ class WandbSink:
         self._runs: dict[str, Any] = {}  # collection -> wandb Run; guarded by _lock
         self._lock = threading.Lock()
         self._api: Any = None
+        self._lineage_skipped: set[str] = set()  # run paths told about offline; under _lock
 
     # -- the Sink contract ---------------------------------------------------------------
 
@@ -187,10 +189,59 @@ class WandbSink:
             artifact.ttl = timedelta(seconds=request.ttl)
         logged = run.log_artifact(artifact, aliases=list(request.aliases))
         if not self.online:
+            self._skip_lineage(request.run_path)
             return PublishedVersion(version=None, committed=False)
         size = sum(f.size for f in request.files)
         logged.wait(timeout=int(300 + size / 5e6))
+        if request.run_path is not None:
+            self._record_lineage(request.collection, request.type, logged.version, request.run_path)
         return PublishedVersion(version=logged.version, artifact_id=logged.id)
+
+    def _record_lineage(
+        self, collection: str, artifact_type: str, version: str, run_path: str
+    ) -> None:
+        """Declare the committed `version` an output of the training run `run_path` too, so
+        that W&B's lineage shows training run -> checkpoint. Never raises: the version is
+        committed already, and a lineage failure is logged as one warning.
+
+        No aliases are passed: the public API's `Run.log_artifact` then sends an empty alias
+        list (it is wandb-core's own logging that adds `latest`), so the content-deduplicated
+        `CreateArtifact` it sends adds the run to the version and moves no alias.
+        """
+        name = f"{collection}:{version}"
+        try:
+            name = self._qualified(collection, version)
+            project = name.rsplit("/", 1)[0]
+            if not valid_run_path(run_path):
+                reason = f"a run path is {RUN_PATH_SHAPE}"
+            elif run_path.rsplit("/", 1)[0] != project:
+                reason = f"the run is not in {project}, and W&B records lineage within a project"
+            else:
+                api = self._public_api()
+                api.run(run_path).log_artifact(api.artifact(name, artifact_type))
+                log.info("recorded %s as an output of run %s", name, run_path)
+                return
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {self._mask(exc)}"
+        log.warning(
+            "%s is published, but recording it as an output of run %s failed: %s",
+            name, run_path, reason,
+        )  # fmt: skip
+
+    def _skip_lineage(self, run_path: str | None) -> None:
+        """Offline, versions get no lineage (W&B has not created them yet): say so once per
+        run path."""
+        if run_path is None:
+            return
+        with self._lock:
+            if run_path in self._lineage_skipped:
+                return
+            self._lineage_skipped.add(run_path)
+        log.warning(
+            "offline mode: versions are not recorded as outputs of run %s (lineage needs "
+            "online mode)",
+            run_path,
+        )
 
     def _run(self, collection: str) -> Any:
         with self._lock:

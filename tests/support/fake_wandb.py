@@ -22,7 +22,11 @@ The server owns the semantics a real one owns: projects, runs, artifact types, c
 collection, ``latest`` on the newest created version, digest deduplication against committed
 versions, idempotent ``CreateArtifact`` retries (same ``clientID``), commits that require every
 manifest file to be stored, refusal to delete a version that holds aliases unless
-``deleteAliases`` is set, and ``ProjectArtifacts`` listing committed versions only.
+``deleteAliases`` is set, ``ProjectArtifacts`` listing committed versions only, and lineage:
+every run whose ``CreateArtifact`` landed on a version (its creator, and any run that declared
+the same content as an output, as ``wandb.Api().run(path).log_artifact(artifact)`` does) is
+one of the version's output runs. Tests create runs with ``wandb.init`` (``UpsertBucket``) or
+with :meth:`FakeWandbServer.create_run`; the public API reads them with the ``Run`` query.
 
 Tests inspect state through snapshots (:meth:`FakeWandbServer.versions`, ...) and inject faults
 (:meth:`FakeWandbServer.inject`). Only the standard library is used.
@@ -151,6 +155,9 @@ class VersionInfo:
     """Artifact file name -> path of the stored bytes (uploaded or deduplicated)."""
     manifest: Mapping[str, Any] | None
     """The parsed ``wandb_manifest.json`` the client uploaded, once it arrived."""
+    output_runs: frozenset[str] = frozenset()
+    """Ids of the runs the version is an output of: the run that created it, and every run
+    that logged the same content to the collection later (lineage)."""
 
     @property
     def version(self) -> str:
@@ -201,6 +208,9 @@ class RunInfo:
     """Whether a file_stream post said ``complete: true``."""
     used_artifacts: tuple[str, ...]
     """Ids of the artifact versions the run declared as inputs (``use_artifact``)."""
+    job_type: str | None = None
+    logged_artifacts: tuple[str, ...] = ()
+    """Ids of the artifact versions the run is an output of (deleted ones too), oldest first."""
 
 
 @dataclass
@@ -233,6 +243,11 @@ def _now() -> str:
 
 def _gql_id(kind: str, number: int) -> str:
     return base64.b64encode(f"{kind}:{number}".encode()).decode()
+
+
+def _gql_number(gql_id: str) -> int:
+    """The number inside an id made by :func:`_gql_id` (``projectId`` is such a number)."""
+    return int(base64.b64decode(gql_id).decode().rpartition(":")[2])
 
 
 @dataclass
@@ -278,6 +293,8 @@ class _Run:
     file_stream_posts: int = 0
     complete: bool = False
     used: list[str] = field(default_factory=list)  # artifact ids, via UseArtifact
+    job_type: str | None = None
+    created_at: str = field(default_factory=_now)
 
 
 @dataclass
@@ -309,6 +326,7 @@ class _Version:
     manifest_digest: str | None = None
     manifest: dict[str, Any] | None = None
     links: list[tuple[str, str, str]] = field(default_factory=list)  # registry (e, p, name)
+    output_runs: list[str] = field(default_factory=list)  # run ids, creator first
 
     @property
     def version(self) -> str:
@@ -818,9 +836,49 @@ class FakeWandbServer:
                     file_stream_posts=r.file_stream_posts,
                     complete=r.complete,
                     used_artifacts=tuple(r.used),
+                    job_type=r.job_type,
+                    logged_artifacts=tuple(
+                        v.id
+                        for v in self._state.versions_by_id.values()
+                        if (v.collection.entity, v.collection.project) == (r.entity, r.project)
+                        and r.name in v.output_runs
+                    ),
                 )
                 for r in self._state.runs.values()
             ]
+
+    def create_run(
+        self,
+        entity: str | None,
+        project: str,
+        run_id: str,
+        *,
+        job_type: str | None = "train",
+        display_name: str | None = None,
+        state: str = "finished",
+    ) -> RunInfo:
+        """Create run ``entity/project/run_id`` as a finished training run would have left it,
+        without driving the SDK; an existing run is kept as it is. Returns its snapshot."""
+        with self._lock:
+            found = self._state.project(entity, project)
+            key = (found.entity, found.name, run_id)
+            if key not in self._state.runs:
+                self._state.runs[key] = _Run(
+                    self._state.next_id("Run"),
+                    found.entity,
+                    found.name,
+                    run_id,
+                    display_name=display_name,
+                    state=state,
+                    job_type=job_type,
+                )
+            return next(r for r in self.runs() if (r.entity, r.project, r.name) == key)
+
+    def output_runs(self, name: str, ref: str, project: str | None = None) -> frozenset[str]:
+        """Ids of the runs that version ``ref`` of collection ``name`` is an output of; empty
+        if there is no such live version."""
+        found = self.version(name, ref, project)
+        return found.output_runs if found else frozenset()
 
     def _find_collection(
         self, name: str, project: str | None, entity: str | None
@@ -855,6 +913,7 @@ class FakeWandbServer:
             run=version.run,
             files={n: o.path for n, o in version.files.items() if o.uploaded},
             manifest=json.loads(json.dumps(version.manifest)) if version.manifest else None,
+            output_runs=frozenset(version.output_runs),
         )
 
     # -- faults ------------------------------------------------------------------------------
@@ -1007,6 +1066,7 @@ class FakeWandbServer:
             ("display_name", "displayName"),
             ("state", "state"),
             ("config", "config"),
+            ("job_type", "jobType"),
         ):
             if variables.get(var) is not None:
                 setattr(run, attr, variables[var])
@@ -1058,6 +1118,41 @@ class FakeWandbServer:
             }
         }
 
+    def _op_run(self, variables: Json, query: str) -> Json:
+        """``api.run("e/p/id")``: the run's RunFragment, ``run: null`` if there is none."""
+        state = self._state
+        project = state.find_project(variables.get("entity"), variables.get("project"))
+        if project is None:
+            return {"project": None}
+        run = state.runs.get((project.entity, project.name, variables.get("name") or ""))
+        if run is None:
+            return {"project": {"run": None}}
+        node = {
+            "__typename": "Run",
+            "projectId": _gql_number(project.id),
+            "id": run.id,
+            "tags": [],
+            "name": run.name,
+            "displayName": run.display_name or run.name,
+            "sweepName": None,
+            "state": run.state or "running",
+            "config": run.config or "{}",
+            "group": None,
+            "jobType": run.job_type,
+            "commit": None,
+            "readOnly": False,
+            "createdAt": run.created_at,
+            "heartbeatAt": run.created_at,
+            "description": None,
+            "notes": None,
+            "systemMetrics": "{}",
+            "summaryMetrics": "{}",
+            "historyLineCount": 0,
+            "user": {"name": "Fake User", "username": self.entity},
+            "historyKeys": {"keys": {}, "lastStep": -1},
+        }
+        return {"project": {"run": node}}
+
     def _op_create_run_files(self, variables: Json, query: str) -> Json:
         state = self._state
         project = state.project(variables.get("entity"), variables.get("project"))
@@ -1087,7 +1182,8 @@ class FakeWandbServer:
 
     def _op_create_artifact(self, variables: Json, query: str) -> Json:
         state = self._state
-        inp: Json = variables.get("input") or {}
+        # wandb-core sends an input object; the public API's Run.log_artifact, bare variables.
+        inp: Json = variables.get("input") or variables
         project = state.project(inp.get("entityName"), inp.get("projectName"))
         type_name = inp.get("artifactTypeName") or "unspecified"
         names = inp.get("artifactCollectionNames") or [inp.get("artifactCollectionName")]
@@ -1157,6 +1253,9 @@ class FakeWandbServer:
                 aliases.append("latest")
         if version.client_id:
             state.client_ids[version.client_id] = version.id
+        run_name = inp.get("runName")
+        if run_name and run_name not in version.output_runs:
+            version.output_runs.append(run_name)
         if self.aliases_on_commit and version.state == "PENDING":
             version.pending_aliases.update(aliases)
         else:
@@ -1745,6 +1844,7 @@ _OPERATIONS: dict[str, _Operation] = {
     "XXHashDigestsEnabled": FakeWandbServer._op_empty_entity,
     "UpsertBucket": FakeWandbServer._op_upsert_bucket,
     "RunResumeStatus": FakeWandbServer._op_run_resume_status,
+    "Run": FakeWandbServer._op_run,
     "CreateRunFiles": FakeWandbServer._op_create_run_files,
     "MarkRunFilesUploaded": FakeWandbServer._op_mark_run_files_uploaded,
     # Logging artifacts.
