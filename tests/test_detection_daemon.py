@@ -19,7 +19,7 @@ import pytest
 from ckptd.journal import Journal
 from tests.conftest import Daemon, wait_until
 from tests.support.wandb_offline import artifacts
-from tests.support.writers import ALL_SPECS, WriterSpec
+from tests.support.writers import ALL_SPECS, WriterSpec, rotate
 
 STEP = 100
 FROZEN = 0.25  # seconds each intermediate state is held; the settle window is 2 s
@@ -95,3 +95,35 @@ def test_every_format_is_published_once_and_only_when_finished(
     assert set(published) == {collection(spec) for spec in ALL_SPECS}
     for spec in ALL_SPECS:
         assert set(published[collection(spec)].entries) == set(spec.files(STEP)), spec.id
+
+
+def test_rotation_right_after_each_save_loses_no_checkpoint(
+    tmp_path: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """An HF Trainer with save_total_limit=1 deletes the previous checkpoint right after it
+    writes the next one; every finished checkpoint still ends as a version with its files."""
+    root = tmp_path / "out"
+    root.mkdir()
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        "state_dir: state\nwandb: {mode: offline, project: rotation}\nmetrics: {listen: null}\n"
+        f"watch: [{{path: {root}, artifact: hf, format: hf-trainer, settle: 1s,"
+        " sidecar: {wait: 0s}}]\n"
+    )
+    daemon = start_daemon("--config", str(config), env=wandb_env)
+    daemon.wait_for_log("ckptd started")
+    spec = next(s for s in ALL_SPECS if s.id == "hf-trainer")
+    steps = [100, 200, 300, 400, 500]
+    for step in steps:
+        for _ in spec.steps(root, step):
+            pass
+        rotate(root, keep=1, unit_glob="checkpoint-*")  # HF rotates right after saving
+        time.sleep(1.5)  # the training steps between two saves
+    for step in steps:
+        daemon.wait_for_log(f"checkpoint-{step} as hf:", timeout=30)
+    assert daemon.stop() == 0, daemon.log()
+    published = artifacts(tmp_path / "state" / "wandb")
+    assert sorted(a.metadata["step"] for a in published) == steps
+    for art in published:
+        assert set(art.entries) == set(spec.files(art.metadata["step"]))
+    assert [p.name for p in root.iterdir()] == ["checkpoint-500"]
