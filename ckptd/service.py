@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -27,7 +28,7 @@ from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.errors import CheckpointChanged, JournalError
 from ckptd.hashing import md5_b64
 from ckptd.journal import Journal, Row
-from ckptd.metrics import HealthServer, Metrics
+from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
@@ -72,6 +73,9 @@ class Service:
         self.publisher: Publisher | None = None
         self.retention: Retention | None = None
         self.metrics = Metrics()
+        self._reachability = Reachability(
+            config.wandb.base_url or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+        )
         self.health: HealthServer | None = None
         self.notifier = SystemdNotifier.from_env()
         # Owned by the coordinator thread only:
@@ -406,6 +410,8 @@ class Service:
         parked = self.journal.parked()
         if parked:
             return f"parked: {', '.join(sorted(parked))}"
+        if self.config.wandb.mode == "online":
+            return self._reachability.problem(self.clock())
         return None
 
     def status_line(self) -> str:

@@ -1,0 +1,131 @@
+"""Metrics, health and logs: what an operator sees of a running daemon."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Daemon, wait_until
+from tests.support.checkpoints import renamed_in
+from tests.support.fake_wandb import FakeWandbServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - loopback http
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (fails if it is absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric_name, _, rest = sample.partition("{")
+        if metric_name == name and ",".join(sorted(rest.rstrip("}").split(","))) == wanted:
+            return float(value)
+    raise AssertionError(f"{name}{{{wanted}}} not exported")
+
+
+def start(
+    tmp_path: Path, server: FakeWandbServer, env: dict[str, str], run: Callable[..., Daemon],
+    *, log_format: str = "text", base_url: str | None = None,
+) -> tuple[Daemon, str]:  # fmt: skip
+    port = free_port()
+    (tmp_path / "ck").mkdir()
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        "state_dir: state\n"
+        f'wandb: {{mode: online, project: ops, base_url: "{base_url or server.url}"}}\n'
+        f'metrics: {{listen: "127.0.0.1:{port}"}}\nlog: {{format: {log_format}}}\n'
+        "upload: {retry: {initial_delay: 200ms, max_delay: 1s}}\n"
+        "watch: [{path: ck, artifact: model, settle: 1s, sidecar: {wait: 0s}}]\n"
+    )
+    daemon = run("--config", str(config), env=env)
+    daemon.wait_for_log("ckptd started")
+    return daemon, f"http://127.0.0.1:{port}"
+
+
+def test_metrics_and_health_endpoints(
+    tmp_path: Path,
+    wandb_server: FakeWandbServer,
+    online_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """/metrics counts what was detected, published, uploaded and retried; /healthz and
+    /readyz answer 200; a parked collection makes /readyz answer 503 with the reason."""
+    daemon, url = start(tmp_path, wandb_server, online_env, start_daemon)
+    assert get(f"{url}/healthz") == (200, "ok\n")
+    assert get(f"{url}/readyz") == (200, "ready\n")
+    wandb_server.inject("CreateArtifact", status=500, times=2)
+    path = renamed_in(tmp_path / "ck", "ckpt_1.pt", 10_000, step=1, metrics={"val_loss": 1.0})
+    daemon.wait_for_log("ckpt_1.pt as model:v", timeout=60)
+    _, text = get(f"{url}/metrics")
+    assert metric(text, "ckptd_checkpoints_detected_total", collection="model") == 1
+    assert metric(text, "ckptd_checkpoints_published_total", collection="model") == 1
+    assert metric(text, "ckptd_uploaded_bytes_total", collection="model") == path.stat().st_size
+    assert metric(text, "ckptd_publish_seconds_count", collection="model") == 1
+    assert metric(text, "ckptd_retries_total", collection="model", kind="transient") >= 1
+    assert metric(text, "ckptd_last_success_timestamp_seconds", collection="model") > 0
+    wait_until(
+        lambda: metric(get(f"{url}/metrics")[1], "ckptd_queue_depth", collection="model") == 0,
+        10, "the queue gauge to drop",
+    )  # fmt: skip
+
+    wandb_server.set_auth_failure(True)
+    renamed_in(tmp_path / "ck", "ckpt_2.pt", 1_000, step=2, metrics={"val_loss": 0.5})
+    daemon.wait_for_log("model is parked", timeout=60)
+    status, body = get(f"{url}/readyz")
+    assert status == 503 and "parked: model" in body
+    _, text = get(f"{url}/metrics")
+    assert metric(text, "ckptd_collection_parked", collection="model") == 1
+    assert metric(text, "ckptd_retries_total", collection="model", kind="permanent") == 1
+    assert online_env["WANDB_API_KEY"] not in text
+    assert daemon.stop() == 0
+
+
+def test_readyz_reports_an_unreachable_wandb(
+    tmp_path: Path,
+    wandb_server: FakeWandbServer,
+    online_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """Online, /readyz answers 503 naming the server when W&B does not answer at all, while
+    /healthz (the process and its watcher) stays 200."""
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    daemon, url = start(tmp_path, wandb_server, online_env, start_daemon, base_url=nowhere)
+    status, body = get(f"{url}/readyz")
+    assert status == 503 and f"W&B unreachable at {nowhere}" in body
+    assert get(f"{url}/healthz") == (200, "ok\n")
+    assert daemon.stop() == 0
+
+
+def test_json_logs_are_one_object_per_line(
+    tmp_path: Path,
+    wandb_server: FakeWandbServer,
+    online_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """`log.format: json` writes one JSON object per line with time, level and event, and the
+    API key appears in none of them."""
+    daemon, _ = start(tmp_path, wandb_server, online_env, start_daemon, log_format="json")
+    renamed_in(tmp_path / "ck", "ckpt_1.pt", 1_000, step=1, metrics={"val_loss": 1.0})
+    daemon.wait_for_log("ckpt_1.pt as model:v0", timeout=60)
+    assert daemon.stop() == 0
+    lines = [line for line in daemon.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert all({"time", "level", "event"} <= record.keys() for record in records)
+    assert any(r["event"].startswith("published ") and r["level"] == "info" for r in records)
+    assert online_env["WANDB_API_KEY"] not in daemon.log()
