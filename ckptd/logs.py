@@ -12,9 +12,15 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["setup_logging"]
+__all__ = ["setup_logging", "worth_logging"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def worth_logging(attempt: int) -> bool:
+    """Whether failure number `attempt` (from 1) earns a log line: 1, 2, 4, 8, ... so that a
+    fault that lasts hours leaves a dozen lines with their count, not thousands."""
+    return attempt >= 1 and attempt & (attempt - 1) == 0
 
 
 class _Redact(logging.Filter):

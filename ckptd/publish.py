@@ -20,6 +20,7 @@ from ckptd import snapshot
 from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError
 from ckptd.journal import Journal, Row
+from ckptd.logs import worth_logging
 from ckptd.metrics import Metrics
 from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
 from ckptd.retention_exec import Retention
@@ -236,7 +237,7 @@ class Publisher:
             row.id, now, attempts=attempts, next_attempt_at=now + delay,
             first_failure_at=first, last_error=str(exc), lease_owner=None,
         )  # fmt: skip
-        if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a log line per retry
+        if worth_logging(attempts):
             log.warning(
                 "publishing %s failed (attempt %d), retrying in %.1fs: %s",
                 row.source, attempts, delay, exc,

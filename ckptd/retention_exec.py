@@ -29,6 +29,7 @@ from pathlib import Path
 from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError, VersionLinked
 from ckptd.journal import Journal, Row
+from ckptd.logs import worth_logging
 from ckptd.retention import (
     Decision,
     LocalCheckpoint,
@@ -280,7 +281,7 @@ class Retention:
                 delay = self.retry.config.max_delay
             failure.next_at = now + delay
             attempts = failure.attempts
-        if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a line per retry
+        if worth_logging(attempts):
             log.warning(
                 "retention could not handle %s (attempt %d), retrying in %.1fs: %s",
                 target, attempts, delay, exc,

@@ -28,6 +28,7 @@ from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.errors import CheckpointChanged, JournalError
 from ckptd.hashing import md5_b64
 from ckptd.journal import Journal, Row
+from ckptd.logs import worth_logging
 from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
 from ckptd.publish import Publisher
@@ -250,7 +251,7 @@ class Service:
             failures = self._snapshot_failures[ready.unit] = (
                 self._snapshot_failures.get(ready.unit, 0) + 1
             )
-            if failures & (failures - 1) == 0:  # attempts 1, 2, 4, 8, ...
+            if worth_logging(failures):
                 log.error(
                     "cannot snapshot %s into %s: %s (attempt %d); retrying: is state_dir full "
                     "or read-only?", ready.unit, self.staging, exc.strerror or exc, failures,
@@ -292,7 +293,7 @@ class Service:
             errors = [f.exception() for f in job.futures.values() if f.exception() is not None]
             if errors:
                 attempts = row.attempts + 1
-                if attempts & (attempts - 1) == 0:
+                if worth_logging(attempts):
                     log.error(
                         "cannot read %s to hash it: %s; retrying every %.0fs",
                         row.source, errors[0], _HASH_RETRY,
