@@ -112,6 +112,9 @@ class Publisher:
         """`published -> aliased`: put `latest` back on the highest step if an older step was
         published last, release the snapshot. Idempotent, so a crash in between is repaired
         by calling it again on start-up."""
+        row = self.journal.get(row.id)  # the coordinator's copy may be stale
+        if row.state != "published":
+            return  # finished already
         watch = self.watch_of(row)
         published = self.journal.rows(row.collection, _PUBLISHED)
         holder = max(published, key=lambda r: (r.step, r.id))
