@@ -161,14 +161,17 @@ def scratch(parent: Path, name: str, keep: bool = False) -> Iterator[Path]:
 # -- payloads and the md5 limit ----------------------------------------------------------
 
 _BLOCK_SIZE = 8 * MiB
+_TAG = b"ckptbnch"
 _block: bytes | None = None
 
 
 def write_payload(path: Path, size: int, seed: int) -> None:
     """`size` bytes of incompressible data, unique per `seed` (so no two files deduplicate).
 
-    One random 8 MiB block is reused with the seed in its first bytes: md5 and the network
-    cost the same, and writing gigabytes takes seconds instead of minutes.
+    One random 8 MiB block is reused with a fixed tag and the seed in its first 16 bytes:
+    md5 and the network cost the same, and writing gigabytes takes seconds instead of
+    minutes. The tag keeps the file from starting like a zip (`PK`), which ckptd's structural
+    check would take for a torn `torch.save`.
     """
     global _block
     if _block is None:
@@ -177,7 +180,7 @@ def write_payload(path: Path, size: int, seed: int) -> None:
     with path.open("wb", buffering=0) as out:
         written = 0
         while written < size:
-            block = _block if written else seed.to_bytes(16, "little") + _block[16:]
+            block = _block if written else _TAG + seed.to_bytes(8, "little") + _block[16:]
             n = min(_BLOCK_SIZE, size - written)
             out.write(memoryview(block)[:n])
             written += n
