@@ -56,8 +56,23 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "wandb": importlib.metadata.version("wandb"),
         "ckptd": importlib.metadata.version("ckptd"),
+        "code": _revision(),
         "load average (1, 5, 15 min)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def _revision() -> str:
+    """The commit measured, and whether ckptd/ had uncommitted changes (read-only git)."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+        )
+        return result.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "ckptd")
+    return head + (" + uncommitted changes in ckptd/" if dirty else "")
 
 
 def background_load(seconds: float = 1.0) -> float:

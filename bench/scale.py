@@ -3,8 +3,10 @@
 `--dirs` watched directories (100) hold `--per-dir` checkpoint files each (100: 10,000 in
 all), every one already recorded in the journal as published, as after a restart. ckptd
 starts (offline: nothing is to be published) and must recognise each as known. "Ready" is
-the moment the start-up pass is over, marked by a sentinel: one new checkpoint in the last
-directory, whose "queued" log line comes after every directory before it was reconciled.
+the moment every existing checkpoint is reconciled: the earlier of a sentinel (one new
+checkpoint in the last directory, whose "queued" log line comes after every directory before
+it was reconciled) and the coordinator going quiet (under 5% of a core for a second), since
+a sentinel without a sidecar also waits out `sidecar.wait` itself.
 Reported: time from process start to /readyz answering 200 and to ready, peak RSS up to
 ready, CPU spent until ready, and idle CPU afterwards. Cases:
 - `sidecars`: every checkpoint has its metrics sidecar, so none waits for one;
@@ -152,7 +154,9 @@ def start_up(tmp: Path, case: str, args: argparse.Namespace) -> Startup:
         tree = c.ProcTree(daemon.pid, interval=0.05).start()
         readyz = c.wait_until("/readyz", lambda: _ready(port), 300, interval=0.01)
         daemon.wait_for_log(f"{sentinel} (step", timeout=600)
-        ready = daemon.events(r"finished checkpoint .*ckpt_999999\.pt")[0][0]  # its log time
+        sentinel_at = daemon.events(r"finished checkpoint .*ckpt_999999\.pt")[0][0]
+        quiet_at = quiet_since(tree, readyz)
+        ready = min(sentinel_at, quiet_at) if quiet_at is not None else sentinel_at
         tree.interval = 1.0
         time.sleep(5.0)  # the sentinel is published (offline) meanwhile: not idle yet
         idle_from = time.time()
@@ -163,6 +167,19 @@ def start_up(tmp: Path, case: str, args: argparse.Namespace) -> Startup:
     idle = tree.cpu_between(idle_from, time.time())
     idle_share = (idle.get("root", 0.0) + idle.get("wandb-core", 0.0)) / args.idle_seconds
     return Startup(case, known, readyz - start, ready - start, peak, cpu_to_ready, idle_share)
+
+
+def quiet_since(tree: c.ProcTree, after: float, window: float = 1.0) -> float | None:
+    """When the daemon's coordinator went quiet: the first sample after `after` from which
+    it used under 5% of a core for `window` seconds (reconciling keeps it near 100%)."""
+    history = [(t, procs[tree.root].cpu) for t, procs in tree.history if tree.root in procs]
+    for i, (t, cpu) in enumerate(history):
+        if t < after:
+            continue
+        later = [(u, v) for u, v in history[i:] if u <= t + window]
+        if later[-1][0] - t >= 0.9 * window and later[-1][1] - cpu < 0.05 * window:
+            return t
+    return None
 
 
 def _ready(port: int) -> bool:

@@ -205,6 +205,10 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256, help="checkpoint size")
     parser.add_argument("--step-ms", type=float, default=50.0, help="compute per step")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each variant")
+    parser.add_argument(
+        "--no-server-md5", dest="server_md5", action="store_false",
+        help="the loopback server drains uploads without checking their md5 (diagnostic)",
+    )  # fmt: skip
     parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--calibrate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--wandb", action="store_true", help=argparse.SUPPRESS)
@@ -217,7 +221,10 @@ def main() -> None:
         return
     c.print_preamble("training loop", ["bench.training_loop", *sys.argv[1:]])
     runs: dict[str, list[Run]] = {v: [] for v in VARIANTS}
-    with c.scratch(args.tmp, "loop", args.keep) as tmp, c.bench_server(tmp / "server") as server:
+    with (
+        c.scratch(args.tmp, "loop", args.keep) as tmp,
+        c.bench_server(tmp / "server", verify=args.server_md5) as server,
+    ):
         reps = calibrate(args, c.wandb_env(tmp / "wandb-calibrate", None))
         checkpoints = args.steps // args.every
         print(
@@ -246,7 +253,8 @@ def main() -> None:
         median_ratio = median[variant] / median[VARIANTS[0]]
         rows.append(
             c.Row(
-                f"training loop ({variant}) / (a), {checkpoints}x{args.size_mib} MiB",
+                f"training loop ({variant}) / (a), {checkpoints}x{args.size_mib} MiB"
+                + ("" if args.server_md5 else " (server does not hash)"),
                 f"{run.total_s:.2f}s job, {run.blocked_mean:.3f}s blocked/ckpt "
                 f"(ratio of medians {median_ratio:.2f})",
                 f"(a) {a.total_s:.2f}s, {a.blocked_mean:.3f}s blocked/ckpt",
