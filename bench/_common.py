@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from bench._profile import Profile
 from tests.support.fake_wandb import API_KEY, FakeWandbServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="where the benchmark's files go (the same filesystem as its checkpoints)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="attach py-spy to each ckptd daemon and write its profile summary into DIR "
+        "(pip install -e '.[bench]')",
+    )
 
 
 @contextlib.contextmanager
@@ -441,9 +449,12 @@ class Ckptd:
         workers: int = 4,
         metrics_listen: str | None = None,
         level: str = "info",
+        profile: Path | None = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self.profile_path = profile  # py-spy's raw stacks; a .txt summary goes beside them
+        self.profile: Profile | None = None
         self.env = env
         self.config_path = root / "ckptd.yaml"
         self.log_path = root / "ckptd.log"
@@ -478,6 +489,8 @@ class Ckptd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        if self.profile_path is not None:
+            self.profile = Profile(self.proc.pid, self.profile_path)
         return self
 
     def log(self) -> str:
@@ -513,6 +526,10 @@ class Ckptd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(10)
+        finally:
+            if self.profile is not None:
+                self.profile.stop()
+                print(f"profile: {self.profile.raw.with_suffix('.txt')}")
 
     def __enter__(self) -> Ckptd:
         return self.start()

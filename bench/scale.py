@@ -143,6 +143,7 @@ def start_up(tmp: Path, case: str, args: argparse.Namespace) -> Startup:
     daemon = c.Ckptd(
         tmp / case / "ckptd", watches, c.wandb_env(tmp / case / "wandb", None),
         online=False, metrics_listen=f"127.0.0.1:{port}",
+        profile=args.profile / f"scale-{case}.raw" if args.profile else None,
     )  # fmt: skip
     known = prefill(daemon.config_path, daemon.state_dir, skip=sentinel)
     os.sync()
