@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd import sidecar
-from ckptd.checkpoint import CheckpointInfo, FileState
+from ckptd.checkpoint import CheckpointInfo, FileState, stat_files
 from ckptd.config import WatchConfig
 from ckptd.errors import SidecarError
 from ckptd.formats import CheckpointFormat, format_for
@@ -123,9 +123,15 @@ class Detector:
 
     def mark_done(self, ready: ReadyCheckpoint) -> None:
         """`ready` is in the journal; ignore the unit until its files change."""
-        self._done[ready.unit] = ready.fingerprint
-        self._done_files[ready.unit] = _identities(ready.files)
-        self._pending.pop(ready.unit, None)
+        self.remember(ready.relpath, ready.files)
+
+    def remember(self, relpath: str, files: tuple[FileState, ...]) -> None:
+        """The checkpoint at `relpath` with these files is in the journal: ignore the unit
+        until they change. At start-up this spares re-reading every known checkpoint."""
+        unit = self.root / relpath
+        self._done[unit] = _fingerprint(files)
+        self._done_files[unit] = _identities(files)
+        self._pending.pop(unit, None)
 
     # -- the single step --------------------------------------------------------------------
 
@@ -152,6 +158,9 @@ class Detector:
         pending.recheck_at = now + min(_MAX_RECHECK, max(0.05, self.watch.settle / 4))
         if unit.is_symlink():
             self._skip_symlink(unit)
+            self.forget(unit)
+            return None
+        if unit in self._done and self._unchanged(unit):
             self.forget(unit)
             return None
         try:
@@ -193,6 +202,16 @@ class Detector:
             return None
         relpath = unit.relative_to(self.root).as_posix()
         return ReadyCheckpoint(self.watch, unit, relpath, self.fmt.name, verdict.files, info)
+
+    def _unchanged(self, unit: Path) -> bool:
+        """Do the unit's files still have the identities recorded as done? Stat calls only:
+        the structural check, the sidecar and the journal are skipped for what is known.
+        Anything else (a format that publishes fewer files than the unit holds, a prefix
+        unit that is no file) is simply not a match and gets the full check."""
+        try:
+            return _fingerprint(stat_files(unit)) == self._done[unit]
+        except OSError:
+            return False
 
     def _settled(self, pending: _Pending, now: float) -> bool:
         if now - pending.stable_since >= self.watch.settle:

@@ -300,6 +300,19 @@ class Journal:
             )
         )
 
+    def recorded_files(self, collection: str, watch_path: Path) -> dict[str, tuple[FileState, ...]]:
+        """Each checkpoint path of a watch entry the journal has a row for, with the files
+        of its newest row: what the detector may skip at start-up without reading it."""
+        rows = self._query(
+            "SELECT relpath, files FROM checkpoints WHERE id IN (SELECT MAX(id) FROM "
+            "checkpoints WHERE collection = ? AND watch_path = ? GROUP BY relpath)",
+            (collection, str(watch_path)),
+        )
+        return {
+            r["relpath"]: tuple(FileState.from_json(f) for f in json.loads(r["files"]))
+            for r in rows
+        }
+
     def transition(self, row_id: int, to: str, now: float, **fields: Any) -> Row:
         """Move a row to state `to`, setting `fields`; refuse transitions the machine forbids."""
         with self._tx() as db:

@@ -109,6 +109,10 @@ class Service:
         self._hashers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-hash")
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
         self._reclaim_orphan_snapshots()
+        for detector in self.detectors:
+            watch = detector.watch
+            for relpath, files in self.journal.recorded_files(watch.artifact, watch.path).items():
+                detector.remember(relpath, files)
         self.watcher.start()
         address = self.config.metrics.address
         if address is not None:

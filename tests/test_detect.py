@@ -199,6 +199,41 @@ def test_done_unit_is_ignored_until_it_changes(root: Path, tmp_path: Path) -> No
     assert [r.relpath for r in detector.poll(T0 + 2)] == ["last.pt"]
 
 
+def test_remembered_checkpoints_are_not_read_again_until_they_change(
+    root: Path, tmp_path: Path
+) -> None:
+    """What the journal already holds (seeded at start-up) costs a stat, not a structural
+    check or a sidecar read; a rewritten file is checked and offered again."""
+    first = Detector(watch(root, format="auto"))
+    for step in (1, 2):
+        path = root / f"ckpt_{step}.pt"
+        path.write_bytes(zip_bytes(tmp_path, bytes([step]) * 4000))
+        set_mtime(path, T0 - 60)
+    first.scan(T0)
+    recorded = {r.relpath: r.files for r in first.poll(T0)}
+    assert sorted(recorded) == ["ckpt_1.pt", "ckpt_2.pt"]
+
+    restarted = Detector(watch(root, format="auto"))
+    for relpath, files in recorded.items():
+        restarted.remember(relpath, files)
+    checked: list[Path] = []
+    check = restarted.fmt.check
+
+    def counting_check(unit: Path) -> object:
+        checked.append(unit)
+        return check(unit)
+
+    restarted.fmt.check = counting_check  # type: ignore[method-assign,assignment]
+    restarted.scan(T0)
+    assert restarted.poll(T0) == [] and checked == [] and restarted.pending() == {}
+
+    (root / "ckpt_2.pt").write_bytes(zip_bytes(tmp_path, b"z" * 4000))
+    set_mtime(root / "ckpt_2.pt", T0 - 30)
+    restarted.scan(T0 + 1)
+    assert [r.relpath for r in restarted.poll(T0 + 1)] == ["ckpt_2.pt"]
+    assert checked == [root / "ckpt_2.pt"]
+
+
 def test_vanished_candidate_is_dropped(root: Path, tmp_path: Path) -> None:
     """A candidate deleted before it finished (rotation) is forgotten without an error."""
     detector = Detector(watch(root))
