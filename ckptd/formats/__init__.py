@@ -11,6 +11,7 @@ The detector adds what no format knows: the settle window, rename hints and snap
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ _TEMP_GLOBS = (
     "*.orbax-checkpoint-tmp*", "tmp-checkpoint-*", "checkpoint.tmp*", "*_temp",
     "checkpoint_tmp", "*-unfinished", "todelete_subdir", "tmp*",
 )  # fmt: skip
+_TEMP_NAME = re.compile("|".join(fnmatch.translate(glob) for glob in _TEMP_GLOBS))
 _SIDECAR_SUFFIX = ".metrics.json"
 _LIGHTNING_FIELD = re.compile(r"(?:^|[-_])([A-Za-z_][\w./]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 _STEP_WORD = re.compile(r"(?:step|iter|global_step|checkpoint|ckpt)[-_=]?(\d+)", re.IGNORECASE)
@@ -45,7 +47,7 @@ _NUMBER = re.compile(r"\d+")
 
 def is_temp_name(name: str) -> bool:
     """True for names that a writer uses before its commit (never a checkpoint)."""
-    return any(fnmatch.fnmatchcase(name, glob) for glob in _TEMP_GLOBS)
+    return _TEMP_NAME.match(name) is not None  # one regex: called per file per format
 
 
 def step_from_name(name: str) -> CheckpointInfo:
@@ -143,10 +145,14 @@ class FileFormat(CheckpointFormat):
         return path if self.matches(path.name) else None
 
     def scan(self, root: Path) -> Iterator[Path]:
-        walker = root.rglob("*") if self.watch.recursive else root.iterdir()
-        for path in walker:
-            if self.unit_for(root, path) is not None and path.is_file():
-                yield path
+        if self.watch.recursive:
+            for path in root.rglob("*"):
+                if self.unit_for(root, path) is not None and path.is_file():
+                    yield path
+            return
+        with os.scandir(root) as entries:  # is_file() from the directory entry: no stat
+            files = [e.name for e in entries if e.is_file() and self.matches(e.name)]
+        yield from (root / name for name in sorted(files))
 
     def check(self, unit: Path) -> Verdict:
         if unit.is_dir():

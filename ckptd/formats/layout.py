@@ -204,9 +204,11 @@ class DirectoryFormat(CheckpointFormat):
         return entry if self.owns(entry) else None
 
     def scan(self, root: Path) -> Iterator[Path]:
-        for entry in sorted(root.iterdir()):
-            if not is_temp_name(entry.name) and entry.is_dir() and self.owns(entry):
-                yield entry
+        with os.scandir(root) as entries:  # is_dir() from the directory entry: no stat
+            names = [e.name for e in entries if e.is_dir() and not is_temp_name(e.name)]
+        for name in sorted(names):
+            if self.owns(root / name):
+                yield root / name
 
     def check(self, unit: Path) -> Verdict:
         signals = _stat_existing(self.trackers(unit), self.watch.path)
