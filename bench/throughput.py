@@ -139,14 +139,21 @@ def raw_sdk(
 
 
 def with_ckptd(
-    server: FakeWandbServer, staged: list[Path], tmp: Path, name: str, layout: str, workers: int
+    server: FakeWandbServer,
+    staged: list[Path],
+    tmp: Path,
+    name: str,
+    layout: str,
+    workers: int,
+    profile: Path | None = None,
 ) -> Phase:
     """Start ckptd on an empty directory, publish a warm-up version, then rename every
     staged checkpoint into place; `staged` must already be inside that directory."""
     root = staged[0].parent
     watch = c.watch_entry(root, name, format="file" if layout == "single" else "torch-dcp")
     env = c.wandb_env(tmp / f"wandb-{name}", server)
-    with c.Ckptd(tmp / name, [watch], env, workers=workers) as daemon:
+    raw = profile / f"throughput-{name}.raw" if profile else None
+    with c.Ckptd(tmp / name, [watch], env, workers=workers, profile=raw) as daemon:
         tree = c.ProcTree(daemon.pid).start()
         warm = write_checkpoint(root, layout, 0, 4096, 1)
         warm.rename(final_name(warm))
@@ -200,7 +207,9 @@ def bench_layout(args: argparse.Namespace, layout: str, tmp: Path) -> list[c.Row
                 name = f"{contender}-{layout}-{round_}"
                 if contender == "ckptd":
                     inside = move_all(staged, tmp / f"watched-{name}")
-                    phase = with_ckptd(server, inside, tmp, name, layout, args.workers)
+                    phase = with_ckptd(
+                        server, inside, tmp, name, layout, args.workers, args.profile
+                    )
                     for path, moved in zip(staged, inside, strict=True):
                         final_name(moved).rename(path)
                 else:

@@ -106,7 +106,10 @@ class Service:
             self.config, self.journal, self.sink, self.metrics, self.clock, self.retention
         )
         workers = self.config.upload.workers
-        self._hashers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-hash")
+        # md5 is CPU-bound: more hashing threads than cores only interleave the files, so
+        # that all finish late together and the first upload waits for the last hash.
+        hashers = min(workers, len(os.sched_getaffinity(0)))
+        self._hashers = ThreadPoolExecutor(hashers, thread_name_prefix="ckptd-hash")
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
         self._reclaim_orphan_snapshots()
         for detector in self.detectors:
