@@ -396,7 +396,6 @@ def bench_server(storage: Path, verify: bool = True) -> FakeWandbServer:
         discard_uploads=True,
         verify_uploads=verify,
         dedup_files=False,
-        multipart_url=True,  # else files over 2 GiB are never sent
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,3 +108,50 @@ def test_api_key_never_reaches_logs_or_state(
     assert key not in daemon.log_path.read_bytes()
     leaks = [p for p in (tmp_path / "state").rglob("*") if p.is_file() and key in p.read_bytes()]
     assert leaks == []
+
+
+def test_a_checkpoint_over_2_gib_goes_up_in_parts_and_commits(
+    tmp_path: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """wandb-core sends files over 2 GiB multipart (100 MiB parts, each with its Content-MD5
+    checked by the server); ckptd's precomputed md5 must hold for the whole file and the
+    version must commit. The file is sparse, so the test costs CPU, not disk."""
+    size = (2 << 30) + (1 << 20) + 123
+    part = 100 << 20
+    root = tmp_path / "ck"
+    root.mkdir()
+    temp = root / ".big.bin.tmp"
+    with temp.open("wb") as f:
+        f.write(os.urandom(4096))
+        f.seek(size - 4096)
+        f.write(os.urandom(4096))
+    md5 = hashlib.md5()
+    with temp.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            md5.update(chunk)
+    # Parts are hashed and dropped: storing them would need 2 GiB of disk for nothing.
+    with FakeWandbServer(storage_dir=tmp_path / "server", discard_uploads=True) as server:
+        config = tmp_path / "ckptd.yaml"
+        config.write_text(
+            "state_dir: state\n"
+            f'wandb: {{mode: online, project: spine, base_url: "{server.url}"}}\n'
+            "metrics: {listen: null}\n"
+            "watch:\n"
+            "  - {path: ck, artifact: big, format: file, patterns: ['*.bin'], "
+            "sidecar: {wait: 0s}}\n"
+        )
+        env = {**wandb_env, **server.env(tmp_path / "wandb-online")}
+        daemon = start_daemon("--config", str(config), env=env)
+        daemon.wait_for_log("ckptd started")
+        temp.rename(root / "big.bin")
+        daemon.wait_for_log("big.bin as big:v0", timeout=300)
+
+        (version,) = server.versions("big", "spine")
+        assert version.state == "COMMITTED"
+        entry = (version.manifest or {})["contents"]["big.bin"]
+        assert entry["size"] == size
+        assert entry["digest"] == base64.b64encode(md5.digest()).decode()
+        puts = Counter(r.path for r in server.requests if r.method == "PUT")
+        parts = puts.most_common(1)[0][1]  # the big file; the rest: manifest, run files
+        assert parts == -(-size // part), puts
+        assert daemon.stop() == 0, daemon.log()

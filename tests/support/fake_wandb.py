@@ -590,7 +590,6 @@ class FakeWandbServer:
         aliases_on_commit: bool = False,
         discard_uploads: bool = False,
         verify_uploads: bool = True,
-        multipart_url: bool = False,
     ) -> None:
         """Prepare a server; nothing is bound until :meth:`start`.
 
@@ -614,11 +613,10 @@ class FakeWandbServer:
                 and trusts the client's ``Content-MD5`` (or the md5 it declared for the
                 file): for benchmarks that must leave every core to the client. Nothing
                 is verified then.
-            multipart_url: Answer a multipart file (over 2 GiB) with an ``uploadUrl`` beside
-                its part URLs, as the real server does. wandb-core skips a file whose
-                ``uploadUrl`` is null, multipart or not, so without this the SDK sends no
-                byte of such a file and its commit is refused. False keeps the null that
-                ``test_multipart_upload_is_assembled_and_committed`` pins.
+
+        A multipart file (over 2 GiB) is answered with an ``uploadUrl`` beside its part
+        URLs, as the real server does: wandb-core skips a file whose ``uploadUrl`` is null,
+        multipart or not, so a null there would let a client "pass" without sending a byte.
         """
         self.api_key = api_key
         self.entity = entity
@@ -627,7 +625,6 @@ class FakeWandbServer:
         self.aliases_on_commit = aliases_on_commit
         self.discard_uploads = discard_uploads
         self.verify_uploads = verify_uploads
-        self.multipart_url = multipart_url
         self._storage_arg = Path(storage_dir) if storage_dir is not None else None
         self._storage: Path | None = None
         self._lock = threading.RLock()
@@ -1343,7 +1340,7 @@ class FakeWandbServer:
                 parts = spec.get("uploadPartsInput")
                 if parts:
                     obj.upload_id = uuid.uuid4().hex
-                    node["uploadUrl"] = self._storage_url(obj) if self.multipart_url else None
+                    node["uploadUrl"] = self._storage_url(obj)  # never null: see __init__
                     node["uploadMultipartUrls"] = {
                         "uploadID": obj.upload_id,
                         "uploadUrlParts": [
