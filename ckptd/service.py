@@ -25,7 +25,7 @@ from ckptd import snapshot
 from ckptd.checkpoint import content_digest
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
-from ckptd.errors import CheckpointChanged, JournalError
+from ckptd.errors import JournalError
 from ckptd.hashing import md5_b64
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
@@ -34,6 +34,7 @@ from ckptd.notify import SystemdNotifier
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
+from ckptd.staging import Stager, Taken
 from ckptd.watcher import Hint, Watcher
 
 __all__ = ["Service"]
@@ -87,7 +88,7 @@ class Service:
         self._next_rescan = [0.0 for _ in config.watch]
         self._stopping = False
         self._last_journal_problem: str | None = None
-        self._snapshot_failures: dict[Path, int] = {}  # unit -> failed snapshot attempts
+        self._stager = Stager(self.staging, self.wake)
 
     @property
     def staging(self) -> Path:
@@ -111,6 +112,7 @@ class Service:
         hashers = min(workers, len(os.sched_getaffinity(0)))
         self._hashers = ThreadPoolExecutor(hashers, thread_name_prefix="ckptd-hash")
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
+        self._stager.start()
         self._reclaim_orphan_snapshots()
         for detector in self.detectors:
             watch = detector.watch
@@ -195,6 +197,7 @@ class Service:
             with contextlib.suppress(Exception):  # the job recorded and logged its own failure
                 future.result(timeout=remaining)
         pending = len(self.journal.rows(states=("ready", "hashed")))
+        self._stager.shutdown()
         for pool in (self._hashers, self._publishers):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -215,6 +218,14 @@ class Service:
                 self._next_rescan[index] = now + detector.watch.rescan
             for ready in detector.poll(now):
                 self._accept(detector, ready, now)
+        finished = self._stager.collect()
+        for index, taken in enumerate(finished):
+            try:
+                self._record(taken, now)
+            except JournalError:
+                for rest in finished[index + 1 :]:  # offered again once the journal works
+                    snapshot.remove(rest.dest)
+                raise
         self._collect_hashes(now)
         if not self._stopping:
             self._schedule_hashing()
@@ -239,42 +250,29 @@ class Service:
             self.detectors[hint.watch_index].hint(hint.path, now, moved_in=hint.moved_in)
 
     def _accept(self, detector: Detector, ready: ReadyCheckpoint, now: float) -> None:
-        """Snapshot a finished checkpoint and record it, unless the journal knows it."""
+        """Snapshot a finished checkpoint and journal it, unless the journal knows it (a
+        snapshot that must be copied is journaled when `Stager.collect` hands it over)."""
         watch = ready.watch
         if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
             detector.mark_done(ready)
-            return
-        dest = self.staging / f"{watch.artifact}-{time.time_ns()}"
-        try:
-            files = snapshot.take(ready.base, ready.files, dest)
-        except FileNotFoundError:
-            log.info("%s was deleted before it could be snapshotted (rotated away)", ready.unit)
-            detector.forget(ready.unit)
-            return
-        except CheckpointChanged as exc:
-            log.info("%s; waiting for it to settle again", exc)
-            return
-        except OSError as exc:
-            failures = self._snapshot_failures[ready.unit] = (
-                self._snapshot_failures.get(ready.unit, 0) + 1
-            )
-            if worth_logging(failures):
-                log.error(
-                    "cannot snapshot %s into %s: %s (attempt %d); retrying: is state_dir full "
-                    "or read-only?", ready.unit, self.staging, exc.strerror or exc, failures,
-                )  # fmt: skip
-            return
-        self._snapshot_failures.pop(ready.unit, None)
+        elif not self._stager.busy(ready.unit):
+            taken = self._stager.take(detector, ready)
+            if taken is not None:
+                self._record(taken, now)
+
+    def _record(self, taken: Taken, now: float) -> None:
+        """Journal a snapshotted checkpoint: from here on it is queued durably."""
+        ready, watch = taken.ready, taken.ready.watch
         try:
             self.journal.add(
                 collection=watch.artifact, watch_path=watch.path, relpath=ready.relpath,
                 fingerprint=ready.fingerprint, format=ready.format, step=ready.info.step,
-                files=files, info=ready.info, snapshot=dest, now=now,
+                files=taken.files, info=ready.info, snapshot=taken.dest, now=now,
             )  # fmt: skip
         except JournalError:
-            snapshot.remove(dest)
+            snapshot.remove(taken.dest)
             raise
-        detector.mark_done(ready)
+        taken.detector.mark_done(ready)
         self.metrics.detected.labels(collection=watch.artifact).inc()
         log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
 
@@ -399,6 +397,8 @@ class Service:
         """Nothing left to do for `--once`: no queued rows and no candidates still settling
         (candidates that never finish are given up at `patience_deadline`)."""
         if self._hashing or any(not f.done() for f in self._publishing.values()):
+            return False
+        if self._stager.in_flight():
             return False
         parked = self.journal.parked()
         queued = [

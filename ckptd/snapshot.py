@@ -17,10 +17,14 @@ from pathlib import Path
 from ckptd.checkpoint import FileState
 from ckptd.errors import CheckpointChanged
 
-__all__ = ["remove", "take", "verify"]
+__all__ = ["CannotLink", "remove", "take", "verify"]
 
 log = logging.getLogger(__name__)
 _copy_warned: set[Path] = set()
+
+
+class CannotLink(OSError):
+    """`take(copy=False)` met a file it cannot hard-link (another filesystem, say)."""
 
 
 def _same_bytes(before: FileState, after: FileState, linked: bool) -> bool:
@@ -29,11 +33,14 @@ def _same_bytes(before: FileState, after: FileState, linked: bool) -> bool:
     return (before.size, before.mtime_ns) == (after.size, after.mtime_ns)
 
 
-def take(base: Path, files: tuple[FileState, ...], dest: Path) -> tuple[FileState, ...]:
+def take(
+    base: Path, files: tuple[FileState, ...], dest: Path, *, copy: bool = True
+) -> tuple[FileState, ...]:
     """Pin `files` (named relative to `base`) under `dest`; return the snapshot's identities.
 
     Raises CheckpointChanged if a file changed since `files` was taken, FileNotFoundError
-    if one vanished (rotated away). `dest` is removed on any failure.
+    if one vanished (rotated away), CannotLink if `copy` is False and a file would have to
+    be copied. `dest` is removed on any failure.
     """
     dest.mkdir(parents=True, exist_ok=False)
     try:
@@ -42,7 +49,7 @@ def take(base: Path, files: tuple[FileState, ...], dest: Path) -> tuple[FileStat
             source = base / expected.name
             target = dest / expected.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            linked = _link_or_copy(source, target)
+            linked = _link_or_copy(source, target, copy)
             now = FileState.of(expected.name, source if not linked else target)
             if not _same_bytes(expected, now, linked):
                 raise CheckpointChanged(f"{source} changed while it was being snapshotted")
@@ -53,7 +60,7 @@ def take(base: Path, files: tuple[FileState, ...], dest: Path) -> tuple[FileStat
         raise
 
 
-def _link_or_copy(source: Path, target: Path) -> bool:
+def _link_or_copy(source: Path, target: Path, copy: bool) -> bool:
     """Hard-link `source` to `target`, or copy it across filesystems; True if linked."""
     try:
         os.link(source, target, follow_symlinks=True)
@@ -61,6 +68,8 @@ def _link_or_copy(source: Path, target: Path) -> bool:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
+        if not copy:
+            raise CannotLink(exc.errno, f"cannot hard-link {source}: {exc.strerror}") from exc
     parent = source.parent
     if parent not in _copy_warned:
         _copy_warned.add(parent)
