@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     UNIQUE (collection, watch_path, relpath, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS checkpoints_by_state ON checkpoints (collection, state, step);
+-- The coordinator asks every second for the live rows of all collections and for the last
+-- publish: without these, each question scans every row ever recorded.
+CREATE INDEX IF NOT EXISTS checkpoints_live ON checkpoints (state, collection, step);
+CREATE INDEX IF NOT EXISTS checkpoints_by_update ON checkpoints (updated_at, id);
 CREATE TABLE IF NOT EXISTS best (
     collection TEXT NOT NULL,
     alias TEXT NOT NULL,
@@ -456,7 +460,8 @@ class Journal:
     def last_published(self) -> Row | None:
         """The row published most recently, of any collection."""
         rows = self._query(
-            "SELECT * FROM checkpoints WHERE state IN ('published', 'aliased') "
+            # `+state`: walk checkpoints_by_update from the newest row, not every published one
+            "SELECT * FROM checkpoints WHERE +state IN ('published', 'aliased') "
             "ORDER BY updated_at DESC, id DESC LIMIT 1",
             (),
         )

@@ -153,7 +153,8 @@ class Service:
                 # again shortly; nothing was lost, the journal is transactional.
                 self._report_journal_problem(exc)
                 due = now + _JOURNAL_RETRY
-            self.notifier.tick(now, self.status_line())
+            if self.notifier.enabled:  # the status line costs journal queries
+                self.notifier.tick(now, self.status_line())
             if once and self.idle(now, once_deadline):
                 break
             self.wake.wait(max(0.0, min(due - self.clock(), _IDLE_WAKE)))
