@@ -51,6 +51,7 @@ def summary(raw: Path, top: int = 15) -> str:
     inclusive: dict[str, Counter[str]] = defaultdict(Counter)
     own: dict[str, Counter[str]] = defaultdict(Counter)
     samples: Counter[str] = Counter()
+    unwound = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         match = _THREAD.match(stack)
@@ -59,13 +60,19 @@ def summary(raw: Path, top: int = 15) -> str:
         count = int(count_text)
         group = re.sub(r"_\d+$", "", match["name"]) or "unnamed"
         frames = [_name(f) for f in stack[match.end() :].split(";") if f]
+        if not frames:
+            unwound += count  # no Python frame on the stack (in native code or waiting)
+            continue
         samples[group] += count
         for frame in set(frames):
             inclusive[group][frame] += count
         if frames:
             own[group][frames[-1]] += count
     total = sum(samples.values())
-    out = [f"# py-spy, {RATE} Hz, idle threads excluded: {total} samples = {total / RATE:.1f}s"]
+    out = [
+        f"# py-spy, {RATE} Hz, idle threads excluded: {total} samples = {total / RATE:.1f}s "
+        f"(and {unwound} with no Python frame, left out)"
+    ]
     for group, n in samples.most_common():
         out.append(f"\n## thread {group}: {n} samples ({n / max(1, total):.0%}), {n / RATE:.2f}s")
         for title, table in (("inclusive", inclusive[group]), ("self", own[group])):
