@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from ckptd import sidecar
 from tests.conftest import Daemon, wait_until
 from tests.support.checkpoints import renamed_in
+from tests.support.fake_wandb import FakeWandbServer
 from tests.support.wandb_offline import OfflineArtifact, artifacts
 
 CONFIG = """\
@@ -138,3 +141,41 @@ def test_in_place_rewrite_with_same_bytes_is_not_a_new_version(
     wait_until(lambda: "same content as" in daemon.log(), 30, "the rewrite to be recognised")
     assert daemon.stop() == 0
     assert len(published(tmp_path)) == 1
+
+
+def test_wandb_sync_uploads_offline_versions_after_the_checkpoints_are_gone(
+    tmp_path: Path, config: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """The README's offline path to W&B: publish offline, let the framework rotate the
+    checkpoints away, `wandb sync` to the (loopback) server: every version commits with its
+    bytes, read from the offline run's own directory. `wandb clean` then drops them."""
+    sent = {}
+    for step in (1, 2):
+        sidecar.write(tmp_path / "ck" / f"ckpt_{step}.pt", step=step, metrics={"val_loss": 1.0})
+        path = write_checkpoint(tmp_path / "ck", f"ckpt_{step}.pt", os.urandom(30_000))
+        sent[path.name] = path.read_bytes()
+    daemon = start_daemon("--config", str(config), "--once", env=wandb_env)
+    assert daemon.proc.wait(120) == 0, daemon.log()
+    for name in sent:
+        (tmp_path / "ck" / name).unlink()  # rotated away, as save_total_limit would
+
+    state = tmp_path / "state"
+    (run,) = (state / "wandb").glob("offline-run-*")
+    with FakeWandbServer(storage_dir=tmp_path / "server") as server:
+        env = {**wandb_env, **server.env(tmp_path / "sync-env")}
+        sync = subprocess.run(
+            [str(Path(sys.executable).parent / "wandb"), "sync", str(run)],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        versions = server.versions("demo-model", "offline-e2e")
+        assert [v.state for v in versions] == ["COMMITTED", "COMMITTED"]
+        assert {name: v.read_bytes(name) for v in versions for name in v.files} == sent
+
+    clean = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "clean", "--min-hours", "0", "--force"],
+        env={**wandb_env, "WANDB_DIR": str(state)}, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert not run.exists()  # the synced run went, and the files kept for it with it

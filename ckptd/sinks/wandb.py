@@ -4,7 +4,10 @@ Versions are logged with `policy="immutable"` and `skip_cache=True` from ckptd's
 snapshot with the md5 ckptd already computed, so the SDK neither copies nor re-hashes a
 byte. Online, `wait()` returns once the version is committed; offline the SDK writes the
 run's `.wandb` file under `state_dir/wandb/` for a later `wandb sync` (and `wait()` would
-raise, so it is not called).
+raise, so it is not called). `wandb sync` uploads each file from the path recorded at
+`log_artifact`, long after ckptd released its snapshot: offline, the files are first
+hard-linked into the offline run's own directory (`ckptd-files/`), where they stay with the
+run until `wandb sync --clean` removes it.
 
 The API key is read once, kept in memory only, and never logged: errors are reported with
 it masked.
@@ -12,10 +15,13 @@ it masked.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -177,13 +183,14 @@ class WandbSink:
         import wandb
 
         run = self._run(request.collection)
+        files = request.files if self.online else _keep_for_sync(run, request.files)
         artifact = wandb.Artifact(
             request.collection,
             type=request.type,
             description=request.description,
             metadata=request.metadata,
         )
-        for file in request.files:
+        for file in files:
             _add_file(artifact, file)
         if request.ttl is not None:
             artifact.ttl = timedelta(seconds=request.ttl)
@@ -342,6 +349,24 @@ def _remote_version(artifact: Any) -> RemoteVersion:
         linked=bool(artifact.is_link),
         metrics=metrics if isinstance(metrics, dict) else {},
     )
+
+
+def _keep_for_sync(run: Any, files: tuple[SinkFile, ...]) -> tuple[SinkFile, ...]:
+    """Hard-link (across filesystems: copy) `files` into the offline run's directory, which
+    `wandb sync` reads them from; the links cost no disk while the checkpoint exists."""
+    dest = Path(run.dir).parent / "ckptd-files" / str(time.time_ns())
+    kept = []
+    for file in files:
+        target = dest / file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file.path, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copy2(file.path, target)
+        kept.append(SinkFile(file.name, target, file.md5_b64, file.size))
+    return tuple(kept)
 
 
 def _add_file(artifact: Any, file: SinkFile) -> None:
