@@ -24,129 +24,24 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.errors import JournalError, StateDirLocked
+from ckptd.rows import (
+    END_STATES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STATES,
+    TRANSITIONS,
+    Deletion,
+    Row,
+    decode,
+    encode,
+)  # fmt: skip
 
 __all__ = ["END_STATES", "STATES", "Deletion", "Journal", "Row"]
-
-STATES = ("ready", "hashed", "published", "aliased", "superseded", "failed")
-END_STATES = frozenset({"aliased", "superseded", "failed"})
-_TRANSITIONS = {
-    "ready": {"hashed", "superseded", "failed"},
-    "hashed": {"published", "ready", "superseded", "failed"},
-    "published": {"aliased"},
-    "aliased": set(),
-    "superseded": set(),
-    "failed": {"ready"},
-}
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS checkpoints (
-    id INTEGER PRIMARY KEY,
-    collection TEXT NOT NULL,
-    watch_path TEXT NOT NULL,
-    relpath TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    format TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    files TEXT NOT NULL,
-    info TEXT NOT NULL,
-    snapshot TEXT,
-    md5s TEXT,
-    digest TEXT,
-    version TEXT,
-    aliases TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    first_failure_at REAL,
-    last_error TEXT,
-    lease_owner TEXT,
-    lease_expires REAL,
-    detected_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE (collection, watch_path, relpath, fingerprint)
-);
-CREATE INDEX IF NOT EXISTS checkpoints_by_state ON checkpoints (collection, state, step);
--- The coordinator asks every second for the live rows of all collections and for the last
--- publish: without these, each question scans every row ever recorded.
-CREATE INDEX IF NOT EXISTS checkpoints_live ON checkpoints (state, collection, step);
-CREATE INDEX IF NOT EXISTS checkpoints_by_update ON checkpoints (updated_at, id);
-CREATE TABLE IF NOT EXISTS best (
-    collection TEXT NOT NULL,
-    alias TEXT NOT NULL,
-    checkpoint_id INTEGER NOT NULL,
-    value REAL NOT NULL,
-    PRIMARY KEY (collection, alias)
-);
-CREATE TABLE IF NOT EXISTS parked (
-    collection TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    since REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deletions (
-    id INTEGER PRIMARY KEY,
-    collection TEXT NOT NULL,
-    target TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL,
-    checkpoint_id INTEGER
-);
-CREATE INDEX IF NOT EXISTS deletions_by_checkpoint ON deletions (checkpoint_id);
-"""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One checkpoint as the journal knows it."""
-
-    id: int
-    collection: str
-    watch_path: str
-    relpath: str
-    fingerprint: str
-    format: str
-    step: int
-    state: str
-    files: tuple[FileState, ...]
-    info: CheckpointInfo
-    snapshot: str | None
-    md5s: dict[str, str]
-    digest: str | None
-    version: str | None
-    aliases: tuple[str, ...]
-    attempts: int
-    next_attempt_at: float
-    first_failure_at: float | None
-    last_error: str | None
-    detected_at: float
-    updated_at: float
-
-    @property
-    def source(self) -> Path:
-        """Where the checkpoint lives in the watched directory."""
-        return Path(self.watch_path) / self.relpath
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-@dataclass(frozen=True)
-class Deletion:
-    """Something retention deleted: a version (`target` "model:v3") or the local files of
-    checkpoint `checkpoint_id` (`target` their path)."""
-
-    collection: str
-    target: str
-    reason: str
-    at: float
-    checkpoint_id: int | None
 
 
 def _boot_id() -> str:
@@ -181,9 +76,9 @@ class Journal:
             db.execute("PRAGMA busy_timeout = 5000")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
             db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
         except sqlite3.Error as exc:
             self.close()
@@ -328,21 +223,21 @@ class Journal:
         current = db.execute("SELECT state FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
         if current is None:
             raise JournalError(f"{self.path}: no checkpoint #{row_id}")
-        if to not in _TRANSITIONS[current["state"]]:
+        if to not in TRANSITIONS[current["state"]]:
             raise JournalError(
                 f"{self.path}: checkpoint #{row_id} cannot go from {current['state']} to {to}"
             )
-        encoded = {key: _encode(key, value) for key, value in fields.items()}
+        encoded = {key: encode(key, value) for key, value in fields.items()}
         assignments = "".join(f", {key} = ?" for key in encoded)
         db.execute(
             f"UPDATE checkpoints SET state = ?, updated_at = ?{assignments} WHERE id = ?",
             (to, now, *encoded.values(), row_id),
         )
-        return _row(db.execute("SELECT * FROM checkpoints WHERE id = ?", (row_id,)).fetchone())
+        return decode(db.execute("SELECT * FROM checkpoints WHERE id = ?", (row_id,)).fetchone())
 
     def update(self, row_id: int, now: float, **fields: Any) -> None:
         """Set fields of a row without changing its state (retry bookkeeping, leases)."""
-        encoded = {key: _encode(key, value) for key, value in fields.items()}
+        encoded = {key: encode(key, value) for key, value in fields.items()}
         assignments = ", ".join(f"{key} = ?" for key in encoded)
         with self._tx() as db:
             db.execute(
@@ -437,7 +332,7 @@ class Journal:
         rows = self._query("SELECT * FROM checkpoints WHERE id = ?", (row_id,))
         if not rows:
             raise JournalError(f"{self.path}: no checkpoint #{row_id}")
-        return _row(rows[0])
+        return decode(rows[0])
 
     def rows(self, collection: str | None = None, states: Iterable[str] = STATES) -> list[Row]:
         """Rows in the given states, by collection then step then id."""
@@ -448,7 +343,7 @@ class Journal:
         if collection is not None:
             sql += " AND collection = ?"
             args = (*wanted, collection)
-        return [_row(r) for r in self._query(sql + " ORDER BY collection, step, id", args)]
+        return [decode(r) for r in self._query(sql + " ORDER BY collection, step, id", args)]
 
     def count(self, states: Iterable[str]) -> int:
         """How many rows are in the given states."""
@@ -465,7 +360,7 @@ class Journal:
             "ORDER BY updated_at DESC, id DESC LIMIT 1",
             (),
         )
-        return _row(rows[0]) if rows else None
+        return decode(rows[0]) if rows else None
 
     def best(self, collection: str) -> dict[str, tuple[int, float]]:
         """Each best alias of a collection: (checkpoint id, metric value)."""
@@ -499,44 +394,3 @@ class Journal:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise JournalError(f"{self.path}: {exc}") from None
-
-
-_JSON_FIELDS = {"files", "info", "md5s", "aliases"}
-
-
-def _encode(key: str, value: Any) -> Any:
-    if key in _JSON_FIELDS and value is not None:
-        if key == "files":
-            return json.dumps([f.to_json() for f in value])
-        if key == "info":
-            return json.dumps(value.to_json())
-        return json.dumps(list(value) if key == "aliases" else value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _row(r: sqlite3.Row) -> Row:
-    return Row(
-        id=r["id"],
-        collection=r["collection"],
-        watch_path=r["watch_path"],
-        relpath=r["relpath"],
-        fingerprint=r["fingerprint"],
-        format=r["format"],
-        step=r["step"],
-        state=r["state"],
-        files=tuple(FileState.from_json(f) for f in json.loads(r["files"])),
-        info=CheckpointInfo.from_json(json.loads(r["info"])),
-        snapshot=r["snapshot"],
-        md5s=json.loads(r["md5s"]) if r["md5s"] else {},
-        digest=r["digest"],
-        version=r["version"],
-        aliases=tuple(json.loads(r["aliases"])) if r["aliases"] else (),
-        attempts=r["attempts"],
-        next_attempt_at=r["next_attempt_at"],
-        first_failure_at=r["first_failure_at"],
-        last_error=r["last_error"],
-        detected_at=r["detected_at"],
-        updated_at=r["updated_at"],
-    )

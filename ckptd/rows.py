@@ -1,0 +1,183 @@
+"""What a journal row is: the states a checkpoint goes through, the transitions allowed
+between them, the database schema, and how a row is stored and read back.
+
+`ckptd.journal` is the only module that talks to the database; this one has no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.checkpoint import CheckpointInfo, FileState
+
+__all__ = [
+    "END_STATES",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "STATES",
+    "TRANSITIONS",
+    "Deletion",
+    "Row",
+    "decode",
+    "encode",
+]
+
+STATES = ("ready", "hashed", "published", "aliased", "superseded", "failed")
+END_STATES = frozenset({"aliased", "superseded", "failed"})
+TRANSITIONS = {
+    "ready": {"hashed", "superseded", "failed"},
+    "hashed": {"published", "ready", "superseded", "failed"},
+    "published": {"aliased"},
+    "aliased": set(),
+    "superseded": set(),
+    "failed": {"ready"},
+}
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    watch_path TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    format TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    files TEXT NOT NULL,
+    info TEXT NOT NULL,
+    snapshot TEXT,
+    md5s TEXT,
+    digest TEXT,
+    version TEXT,
+    aliases TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    first_failure_at REAL,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_expires REAL,
+    detected_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (collection, watch_path, relpath, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_state ON checkpoints (collection, state, step);
+-- The coordinator asks every second for the live rows of all collections and for the last
+-- publish: without these, each question scans every row ever recorded.
+CREATE INDEX IF NOT EXISTS checkpoints_live ON checkpoints (state, collection, step);
+CREATE INDEX IF NOT EXISTS checkpoints_by_update ON checkpoints (updated_at, id);
+CREATE TABLE IF NOT EXISTS best (
+    collection TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    checkpoint_id INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (collection, alias)
+);
+CREATE TABLE IF NOT EXISTS parked (
+    collection TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deletions (
+    id INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    checkpoint_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS deletions_by_checkpoint ON deletions (checkpoint_id);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checkpoint as the journal knows it."""
+
+    id: int
+    collection: str
+    watch_path: str
+    relpath: str
+    fingerprint: str
+    format: str
+    step: int
+    state: str
+    files: tuple[FileState, ...]
+    info: CheckpointInfo
+    snapshot: str | None
+    md5s: dict[str, str]
+    digest: str | None
+    version: str | None
+    aliases: tuple[str, ...]
+    attempts: int
+    next_attempt_at: float
+    first_failure_at: float | None
+    last_error: str | None
+    detected_at: float
+    updated_at: float
+
+    @property
+    def source(self) -> Path:
+        """Where the checkpoint lives in the watched directory."""
+        return Path(self.watch_path) / self.relpath
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """Something retention deleted: a version (`target` "model:v3") or the local files of
+    checkpoint `checkpoint_id` (`target` their path)."""
+
+    collection: str
+    target: str
+    reason: str
+    at: float
+    checkpoint_id: int | None
+
+
+_JSON_FIELDS = {"files", "info", "md5s", "aliases"}
+
+
+def encode(key: str, value: Any) -> Any:
+    if key in _JSON_FIELDS and value is not None:
+        if key == "files":
+            return json.dumps([f.to_json() for f in value])
+        if key == "info":
+            return json.dumps(value.to_json())
+        return json.dumps(list(value) if key == "aliases" else value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def decode(r: sqlite3.Row) -> Row:
+    return Row(
+        id=r["id"],
+        collection=r["collection"],
+        watch_path=r["watch_path"],
+        relpath=r["relpath"],
+        fingerprint=r["fingerprint"],
+        format=r["format"],
+        step=r["step"],
+        state=r["state"],
+        files=tuple(FileState.from_json(f) for f in json.loads(r["files"])),
+        info=CheckpointInfo.from_json(json.loads(r["info"])),
+        snapshot=r["snapshot"],
+        md5s=json.loads(r["md5s"]) if r["md5s"] else {},
+        digest=r["digest"],
+        version=r["version"],
+        aliases=tuple(json.loads(r["aliases"])) if r["aliases"] else (),
+        attempts=r["attempts"],
+        next_attempt_at=r["next_attempt_at"],
+        first_failure_at=r["first_failure_at"],
+        last_error=r["last_error"],
+        detected_at=r["detected_at"],
+        updated_at=r["updated_at"],
+    )
