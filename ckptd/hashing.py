@@ -1,17 +1,30 @@
 """md5 of checkpoint files, the digest W&B's manifest needs, computed in ckptd's own pool.
 
 hashlib releases the GIL while it digests large buffers, so a thread pool hashes files in
-parallel across cores without the copy a process pool would need.
+parallel across cores without the copy a process pool would need. `Hasher` is the pipeline
+stage: it hashes the snapshots of the journal's `ready` rows and records the outcome.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from concurrent.futures import Executor
+import logging
+import threading
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CHUNK", "md5_b64", "md5_files"]
+from ckptd import snapshot
+from ckptd.checkpoint import content_digest
+from ckptd.journal import Journal, Row
+from ckptd.logs import worth_logging
+
+__all__ = ["CHUNK", "Hasher", "md5_b64", "md5_files"]
+
+log = logging.getLogger(__name__)
+
+RETRY = 30.0  # seconds before hashing an unreadable snapshot again
 
 CHUNK = 8 << 20
 
@@ -31,3 +44,82 @@ def md5_files(pool: Executor, root: Path, names: list[str]) -> dict[str, str]:
     """md5 of each named file under `root`, hashed in parallel on `pool`."""
     futures = {name: pool.submit(md5_b64, root / name) for name in names}
     return {name: future.result() for name, future in futures.items()}
+
+
+@dataclass
+class _Job:
+    row: Row
+    futures: dict[str, Future[str]] = field(default_factory=dict)
+
+
+class Hasher:
+    """Hashes the snapshots of `ready` rows, a file per task, and moves each row on: to
+    `hashed` with its md5s, to a retry in RETRY seconds when a file cannot be read, or to
+    `superseded` when the snapshot changed meanwhile (the checkpoint is detected again).
+    Only the coordinator thread calls it; `wake` is set whenever a file is done."""
+
+    def __init__(self, journal: Journal, wake: threading.Event, threads: int) -> None:
+        self.journal = journal
+        self._wake = wake
+        self._threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: dict[int, _Job] = {}  # row id -> files being hashed
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="ckptd-hash")
+
+    def in_flight(self) -> list[Future[str]]:
+        return [f for job in self._jobs.values() for f in job.futures.values()]
+
+    def schedule(self, now: float) -> None:
+        """Start hashing every `ready` row that is due and not being hashed yet."""
+        assert self._pool is not None, "start() first"
+        for row in self.journal.rows(states=("ready",)):
+            if row.id in self._jobs or row.snapshot is None or row.next_attempt_at > now:
+                continue
+            job = self._jobs[row.id] = _Job(row)
+            for f in row.files:
+                future = self._pool.submit(md5_b64, Path(row.snapshot) / f.name)
+                future.add_done_callback(lambda _: self._wake.set())
+                job.futures[f.name] = future
+
+    def collect(self, now: float) -> None:
+        """Record the outcome of every row whose files are all done."""
+        for row_id, job in list(self._jobs.items()):
+            if not all(f.done() for f in job.futures.values()):
+                continue
+            del self._jobs[row_id]
+            self._record(job, now)
+
+    def _record(self, job: _Job, now: float) -> None:
+        row = job.row
+        assert row.snapshot is not None
+        errors = [f.exception() for f in job.futures.values() if f.exception() is not None]
+        if errors:
+            attempts = row.attempts + 1
+            if worth_logging(attempts):
+                log.error(
+                    "cannot read %s to hash it: %s; retrying every %.0fs",
+                    row.source, errors[0], RETRY,
+                )  # fmt: skip
+            self.journal.update(
+                row.id, now, attempts=attempts, last_error=f"cannot read: {errors[0]}",
+                next_attempt_at=now + RETRY,
+            )  # fmt: skip
+            return
+        md5s = {name: f.result() for name, f in job.futures.items()}
+        problem = snapshot.verify(Path(row.snapshot), row.files)
+        if problem is not None:
+            self.journal.transition(row.id, "superseded", now, last_error=problem)
+            snapshot.remove(Path(row.snapshot))
+            log.info("%s changed while it was hashed (%s); it will be re-detected",
+                     row.source, problem)  # fmt: skip
+            return
+        self.journal.transition(
+            row.id, "hashed", now, md5s=md5s, digest=content_digest(md5s),
+            attempts=0, next_attempt_at=0, last_error=None,
+        )  # fmt: skip
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -18,17 +18,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ckptd import snapshot
-from ckptd.checkpoint import content_digest
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.errors import JournalError
-from ckptd.hashing import md5_b64
+from ckptd.hashing import Hasher
 from ckptd.journal import Journal, Row
-from ckptd.logs import worth_logging
 from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
 from ckptd.publish import Publisher
@@ -43,15 +41,8 @@ log = logging.getLogger(__name__)
 
 _IDLE_WAKE = 1.0  # seconds: the longest the coordinator sleeps with nothing due
 _LEASE = 6 * 3600.0  # seconds a publish may hold its row; the state_dir lock is the real guard
-_HASH_RETRY = 30.0  # seconds before hashing an unreadable snapshot again
 _CRASH_RETRY = 60.0  # seconds before retrying a publish that failed in an unexpected way
 _JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
-
-
-@dataclass
-class _Hashing:
-    row: Row
-    futures: dict[str, Future[str]] = field(default_factory=dict)
 
 
 class Service:
@@ -80,10 +71,12 @@ class Service:
         )
         self.health: HealthServer | None = None
         self.notifier = SystemdNotifier.from_env()
+        # md5 is CPU-bound: more hashing threads than cores only interleave the files, so
+        # that all finish late together and the first upload waits for the last hash.
+        threads = min(config.upload.workers, len(os.sched_getaffinity(0)))
         # Owned by the coordinator thread only:
-        self._hashers: ThreadPoolExecutor | None = None
+        self._hasher = Hasher(self.journal, self.wake, threads)
         self._publishers: ThreadPoolExecutor | None = None
-        self._hashing: dict[int, _Hashing] = {}
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
         self._stopping = False
@@ -107,10 +100,7 @@ class Service:
             self.config, self.journal, self.sink, self.metrics, self.clock, self.retention
         )
         workers = self.config.upload.workers
-        # md5 is CPU-bound: more hashing threads than cores only interleave the files, so
-        # that all finish late together and the first upload waits for the last hash.
-        hashers = min(workers, len(os.sched_getaffinity(0)))
-        self._hashers = ThreadPoolExecutor(hashers, thread_name_prefix="ckptd-hash")
+        self._hasher.start()
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
         self._stager.start()
         self._reclaim_orphan_snapshots()
@@ -181,12 +171,8 @@ class Service:
         if not self.journal.is_open:  # start() failed before the journal opened
             return
         deadline = self.clock() + self.config.upload.shutdown_timeout
-        in_flight = [
-            f
-            for f in [*self._publishing.values()]
-            + [f for h in self._hashing.values() for f in h.futures.values()]
-            if not f.done()
-        ]
+        jobs: list[Future[Any]] = [*self._publishing.values(), *self._hasher.in_flight()]
+        in_flight = [f for f in jobs if not f.done()]
         if in_flight:
             log.info(
                 "draining %d in-flight job(s), up to %.0fs", len(in_flight), deadline - self.clock()
@@ -199,9 +185,9 @@ class Service:
                 future.result(timeout=remaining)
         pending = len(self.journal.rows(states=("ready", "hashed")))
         self._stager.shutdown()
-        for pool in (self._hashers, self._publishers):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        self._hasher.shutdown()
+        if self._publishers is not None:
+            self._publishers.shutdown(wait=False, cancel_futures=True)
         if self.sink is not None:
             self.sink.close()
         self.journal.close()
@@ -227,9 +213,9 @@ class Service:
                 for rest in finished[index + 1 :]:  # offered again once the journal works
                     snapshot.remove(rest.dest)
                 raise
-        self._collect_hashes(now)
+        self._hasher.collect(now)
         if not self._stopping:
-            self._schedule_hashing()
+            self._hasher.schedule(self.clock())
             self._schedule_publishing(now)
         return min(
             min((d.next_due() for d in self.detectors), default=math.inf),
@@ -276,54 +262,6 @@ class Service:
         taken.detector.mark_done(ready)
         self.metrics.detected.labels(collection=watch.artifact).inc()
         log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
-
-    def _schedule_hashing(self) -> None:
-        assert self._hashers is not None
-        now = self.clock()
-        for row in self.journal.rows(states=("ready",)):
-            if row.id in self._hashing or row.snapshot is None or row.next_attempt_at > now:
-                continue
-            job = self._hashing[row.id] = _Hashing(row)
-            for f in row.files:
-                future = self._hashers.submit(md5_b64, Path(row.snapshot) / f.name)
-                future.add_done_callback(lambda _: self.wake.set())
-                job.futures[f.name] = future
-
-    def _collect_hashes(self, now: float) -> None:
-        for row_id, job in list(self._hashing.items()):
-            if not all(f.done() for f in job.futures.values()):
-                continue
-            del self._hashing[row_id]
-            row = job.row
-            assert row.snapshot is not None
-            errors = [f.exception() for f in job.futures.values() if f.exception() is not None]
-            if errors:
-                attempts = row.attempts + 1
-                if worth_logging(attempts):
-                    log.error(
-                        "cannot read %s to hash it: %s; retrying every %.0fs",
-                        row.source, errors[0], _HASH_RETRY,
-                    )  # fmt: skip
-                self.journal.update(
-                    row.id, now, attempts=attempts, last_error=f"cannot read: {errors[0]}",
-                    next_attempt_at=now + _HASH_RETRY,
-                )  # fmt: skip
-                continue
-            md5s = {name: f.result() for name, f in job.futures.items()}
-            problem = snapshot.verify(Path(row.snapshot), row.files)
-            if problem is not None:
-                self.journal.transition(row.id, "superseded", now, last_error=problem)
-                snapshot.remove(Path(row.snapshot))
-                log.info(
-                    "%s changed while it was hashed (%s); it will be re-detected",
-                    row.source,
-                    problem,
-                )
-                continue
-            self.journal.transition(
-                row.id, "hashed", now, md5s=md5s, digest=content_digest(md5s),
-                attempts=0, next_attempt_at=0, last_error=None,
-            )  # fmt: skip
 
     def _schedule_publishing(self, now: float) -> None:
         assert self._publishers is not None and self.publisher is not None
@@ -397,7 +335,7 @@ class Service:
     def idle(self, now: float, patience_deadline: float) -> bool:
         """Nothing left to do for `--once`: no queued rows and no candidates still settling
         (candidates that never finish are given up at `patience_deadline`)."""
-        if self._hashing or any(not f.done() for f in self._publishing.values()):
+        if self._hasher.in_flight() or any(not f.done() for f in self._publishing.values()):
             return False
         if self._stager.in_flight():
             return False
