@@ -253,11 +253,27 @@ def _alias_arg(text: str) -> str:
     return text
 
 
+def _refuse_watched(dest: Path, config: Config) -> None:
+    """Files restored into a directory ckptd watches would be published again as new
+    versions (and could take `latest` from the checkpoints they are copies of)."""
+    target = Path(os.path.realpath(dest))
+    for index, watch in enumerate(config.watch):
+        root = Path(os.path.realpath(watch.path))
+        if target.is_relative_to(root):
+            raise CkptdError(
+                f"refusing to restore into {dest}: it is inside watch[{index}].path "
+                f"({watch.path}), so ckptd would publish the restored files again; restore "
+                "into a directory of its own and point the training job at it"
+            )
+
+
 def _restore(config: Config, args: argparse.Namespace) -> int:
     from ckptd.logs import setup_logging
     from ckptd.restore import Target, restore
     from ckptd.sinks.wandb import read_api_key
 
+    if args.config is not None:
+        _refuse_watched(args.to, config)
     api_key = read_api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
     if not api_key:

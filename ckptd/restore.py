@@ -6,7 +6,8 @@ the destination (a mount point such as an emptyDir cannot be renamed over, and a
 beside it may be on another filesystem), checked against the manifest's md5 and size, and
 then renamed into place one top-level entry at a time, so the training job sees each file
 or checkpoint directory whole or not at all. A destination ckptd watches would publish the
-restored files again, so restore into a directory of its own.
+restored files again, so restore into a directory of its own (`ckptd restore --config`
+refuses a watched one).
 
 Outcomes: a version restored; nothing published yet (the first start of a job: nothing is
 written, not even the destination); or skipped because the destination already holds a

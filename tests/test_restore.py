@@ -191,6 +191,20 @@ def test_if_missing_skips_a_directory_with_a_checkpoint(
     assert (hidden / "ckpt_3.pt").read_bytes() == published.checkpoints[3]
 
 
+def test_restoring_into_a_watched_directory_is_refused(
+    published: Published, tmp_path: Path
+) -> None:
+    """The restored files would be published again as new versions: exit 1 naming the watch
+    entry, nothing downloaded or written, and no version added."""
+    watched = published.config.parent / "ck"
+    for dest in (watched, watched / "resume"):
+        result = restore(published, "model-checkpoint", "--to", str(dest))
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"refusing to restore into {dest}: it is inside watch[0].path" in result.stderr
+    assert not (watched / "resume").exists()
+    assert len(published.server.versions("model-checkpoint", PROJECT)) == 3
+
+
 def test_bad_key_exits_1_without_writing(tmp_path: Path, wandb_server: FakeWandbServer) -> None:
     """A rejected key is a real error: exit 1, a message, nothing written, the key not shown."""
     config = tmp_path / "ckptd.yaml"
