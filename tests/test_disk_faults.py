@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import CKPTD, Daemon, wait_until
 from tests.support.checkpoints import renamed_in
+from tests.support.mounts import tmpfs
 
 CONFIG = """\
 state_dir: {state}
@@ -24,13 +25,8 @@ watch: [{{path: {root}, settle: 500ms, sidecar: {{wait: 0s}}}}]
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs the test can fill up and turn read-only (root is needed to mount)."""
-    mount = tmp_path / "state-fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "state-fs", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def checkpoint(root: Path, step: int) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 from collections import Counter
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from ckptd import sidecar
 from tests.conftest import Daemon, wait_until
-from tests.support.checkpoints import renamed_in
+from tests.support.checkpoints import renamed_in, sparse_renamed_in
 from tests.support.fake_wandb import FakeWandbServer
 
 CONFIG = """\
@@ -120,15 +119,6 @@ def test_a_checkpoint_over_2_gib_goes_up_in_parts_and_commits(
     part = 100 << 20
     root = tmp_path / "ck"
     root.mkdir()
-    temp = root / ".big.bin.tmp"
-    with temp.open("wb") as f:
-        f.write(os.urandom(4096))
-        f.seek(size - 4096)
-        f.write(os.urandom(4096))
-    md5 = hashlib.md5()
-    with temp.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            md5.update(chunk)
     # Parts are hashed and dropped: storing them would need 2 GiB of disk for nothing.
     with FakeWandbServer(storage_dir=tmp_path / "server", discard_uploads=True) as server:
         config = tmp_path / "ckptd.yaml"
@@ -143,14 +133,14 @@ def test_a_checkpoint_over_2_gib_goes_up_in_parts_and_commits(
         env = {**wandb_env, **server.env(tmp_path / "wandb-online")}
         daemon = start_daemon("--config", str(config), env=env)
         daemon.wait_for_log("ckptd started")
-        temp.rename(root / "big.bin")
+        md5 = sparse_renamed_in(root, "big.bin", size)
         daemon.wait_for_log("big.bin as big:v0", timeout=300)
 
         (version,) = server.versions("big", "spine")
         assert version.state == "COMMITTED"
         entry = (version.manifest or {})["contents"]["big.bin"]
         assert entry["size"] == size
-        assert entry["digest"] == base64.b64encode(md5.digest()).decode()
+        assert entry["digest"] == md5
         puts = Counter(r.path for r in server.requests if r.method == "PUT")
         parts = puts.most_common(1)[0][1]  # the big file; the rest: manifest, run files
         assert parts == -(-size // part), puts

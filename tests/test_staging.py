@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon
+from tests.support.checkpoints import sparse_renamed_in
+from tests.support.mounts import tmpfs
 from tests.support.wandb_offline import artifacts
 
 CONFIG = """\
@@ -28,28 +26,8 @@ GIB = 1 << 30
 @pytest.fixture
 def other_fs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs: another filesystem than tmp_path's, so nothing links across (root mounts)."""
-    mount = tmp_path / "other-fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "other-fs", "2g") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def rename_in(root: Path, name: str, size: int) -> str:
-    """A sparse file of `size` bytes with random ends, renamed into `root`; its base64 md5."""
-    temp = root / f".{name}.tmp"
-    with temp.open("wb") as f:
-        f.write(os.urandom(4096))
-        f.seek(size - 4096)
-        f.write(os.urandom(4096))
-    md5 = hashlib.md5()
-    with temp.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            md5.update(chunk)
-    temp.rename(root / name)
-    return base64.b64encode(md5.digest()).decode()
 
 
 def test_a_long_copy_does_not_hold_up_a_checkpoint_that_links(
@@ -66,8 +44,8 @@ def test_a_long_copy_does_not_hold_up_a_checkpoint_that_links(
     daemon = start_daemon("--config", str(config), env=wandb_env)
     daemon.wait_for_log("ckptd started")
 
-    big = rename_in(slow, "big.bin", GIB)
-    small = rename_in(fast, "small.bin", 64 << 10)
+    big = sparse_renamed_in(slow, "big.bin", GIB)
+    small = sparse_renamed_in(fast, "small.bin", 64 << 10)
     daemon.wait_for_log("as copied:", timeout=180)
     daemon.wait_for_log("as linked:", timeout=60)
     log = daemon.log()
