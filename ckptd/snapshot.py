@@ -17,7 +17,7 @@ from pathlib import Path
 from ckptd.checkpoint import FileState
 from ckptd.errors import CheckpointChanged
 
-__all__ = ["CannotLink", "remove", "take", "verify"]
+__all__ = ["CannotLink", "remove", "take", "try_link", "verify"]
 
 log = logging.getLogger(__name__)
 _copy_warned: set[Path] = set()
@@ -60,16 +60,24 @@ def take(
         raise
 
 
-def _link_or_copy(source: Path, target: Path, copy: bool) -> bool:
-    """Hard-link `source` to `target`, or copy it across filesystems; True if linked."""
+def try_link(source: Path, target: Path) -> bool:
+    """Hard-link `source` to `target`; False where only a copy can do (another filesystem,
+    another user's file under protected_hardlinks, too many links). Other errors raise."""
     try:
         os.link(source, target, follow_symlinks=True)
         return True
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
-        if not copy:
-            raise CannotLink(exc.errno, f"cannot hard-link {source}: {exc.strerror}") from exc
+        return False
+
+
+def _link_or_copy(source: Path, target: Path, copy: bool) -> bool:
+    """Hard-link `source` to `target`, or copy it across filesystems; True if linked."""
+    if try_link(source, target):
+        return True
+    if not copy:
+        raise CannotLink(errno.EXDEV, f"cannot hard-link {source} into {target.parent}")
     parent = source.parent
     if parent not in _copy_warned:
         _copy_warned.add(parent)

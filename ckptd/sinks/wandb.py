@@ -15,7 +15,6 @@ it masked.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd import snapshot
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
@@ -359,11 +359,7 @@ def _keep_for_sync(run: Any, files: tuple[SinkFile, ...]) -> tuple[SinkFile, ...
     for file in files:
         target = dest / file.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(file.path, target)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
+        if not snapshot.try_link(file.path, target):
             shutil.copy2(file.path, target)
         kept.append(SinkFile(file.name, target, file.md5_b64, file.size))
     return tuple(kept)
