@@ -11,7 +11,7 @@ import base64
 import hashlib
 import logging
 import threading
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from ckptd.checkpoint import content_digest
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
 
-__all__ = ["CHUNK", "Hasher", "md5_b64", "md5_files"]
+__all__ = ["CHUNK", "Hasher", "md5_b64"]
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ def md5_b64(path: Path) -> str:
         while n := f.readinto(buffer):
             h.update(view[:n])
     return base64.b64encode(h.digest()).decode("ascii")
-
-
-def md5_files(pool: Executor, root: Path, names: list[str]) -> dict[str, str]:
-    """md5 of each named file under `root`, hashed in parallel on `pool`."""
-    futures = {name: pool.submit(md5_b64, root / name) for name in names}
-    return {name: future.result() for name, future in futures.items()}
 
 
 @dataclass
