@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from types import FrameType
@@ -149,10 +150,14 @@ def _status(config: Config) -> int:
     try:
         rows = journal.rows()
         parked = journal.parked()
+        drops = journal.drops()
     finally:
         journal.close()
     collections = sorted(
-        {r.collection for r in rows} | set(parked) | {w.artifact for w in config.watch}
+        {r.collection for r in rows}
+        | set(parked)
+        | {d.collection for d in drops}
+        | {w.artifact for w in config.watch}
     )
     for collection in collections:
         mine = [r for r in rows if r.collection == collection]
@@ -162,8 +167,8 @@ def _status(config: Config) -> int:
         print(
             f"{collection}: {counts['aliased'] + counts['published']} published, "
             f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
-            f"{counts['superseded']} superseded"
-            + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
+            f"{counts['superseded']} superseded, {sum(d.collection == collection for d in drops)} "
+            "dropped" + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
         )
         if collection in parked:
             reason, _ = parked[collection]
@@ -171,12 +176,15 @@ def _status(config: Config) -> int:
         for row in mine:
             if row.state in ("ready", "hashed", "failed") and row.last_error:
                 print(f"  {row.state} {row.relpath} (step {row.step}): {row.last_error}")
+        for drop in (d for d in drops if d.collection == collection):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.at))
+            detail = f": {drop.detail}" if drop.detail else ""
+            print(f"  dropped {drop.path} ({drop.reason}, {when}){detail}")
     return EXIT_OK
 
 
 def _gc(config: Config, *, dry_run: bool) -> int:
     import textwrap
-    import time
 
     from ckptd.errors import StateDirLocked
     from ckptd.logs import setup_logging

@@ -16,6 +16,7 @@ from pathlib import Path
 from ckptd import sidecar
 from ckptd.checkpoint import CheckpointInfo, FileState, stat_files
 from ckptd.config import WatchConfig
+from ckptd.drops import Drop
 from ckptd.errors import SidecarError
 from ckptd.formats import CheckpointFormat, format_for
 from ckptd.formats.checks import UNREADABLE
@@ -71,6 +72,7 @@ class Detector:
     _done: dict[Path, str] = field(default_factory=dict, init=False)
     _done_files: dict[Path, frozenset[str]] = field(default_factory=dict, init=False)
     _warned: set[str] = field(default_factory=set, init=False)
+    _drops: list[Drop] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.fmt = format_for(self.watch)
@@ -116,6 +118,16 @@ class Detector:
             if unit not in self._pending:
                 self._pending[unit] = _Pending(first_seen=now, recheck_at=now)
         return found
+
+    def take_drops(self) -> list[Drop]:
+        """The candidates given up since the last call, for the coordinator to record."""
+        drops, self._drops = self._drops, []
+        return drops
+
+    def drop(self, unit: Path, reason: str, detail: str = "") -> None:
+        """Give up on `unit`: it will not be published (ckptd.drops says why it matters)."""
+        self.forget(unit)
+        self._drops.append(Drop(self.watch.artifact, unit, reason, detail))
 
     def forget(self, unit: Path) -> None:
         """Stop tracking `unit` (published, superseded or refused)."""

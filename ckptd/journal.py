@@ -36,12 +36,13 @@ from ckptd.rows import (
     STATES,
     TRANSITIONS,
     Deletion,
+    Dropped,
     Row,
     decode,
     encode,
 )  # fmt: skip
 
-__all__ = ["END_STATES", "STATES", "Deletion", "Journal", "Row"]
+__all__ = ["END_STATES", "STATES", "Deletion", "Dropped", "Journal", "Row"]
 
 
 def _boot_id() -> str:
@@ -321,7 +322,29 @@ class Journal:
                 (collection, target, reason, now, checkpoint_id),
             )
 
+    def record_drop(self, collection: str, path: str, reason: str, detail: str, now: float) -> None:
+        """Record that the candidate at `path` will not be published, and why (ckptd.drops)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO dropped VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, path, "
+                "reason) DO UPDATE SET detail = excluded.detail, at = excluded.at",
+                (collection, path, reason, detail, now),
+            )
+
+    def clear_drops(self, collection: str, path: str) -> None:
+        """The candidate at `path` was queued after all: its drops no longer stand."""
+        with self._tx() as db:
+            db.execute("DELETE FROM dropped WHERE collection = ? AND path = ?", (collection, path))
+
     # -- reading ----------------------------------------------------------------------
+
+    def drops(self, collection: str | None = None, since: float = 0.0) -> list[Dropped]:
+        """Candidates seen and not published (at or after `since`), oldest first."""
+        sql = "SELECT collection, path, reason, detail, at FROM dropped WHERE at >= ?"
+        args: tuple[Any, ...] = (since,)
+        if collection is not None:
+            sql, args = sql + " AND collection = ?", (since, collection)
+        return [Dropped(*r) for r in self._query(sql + " ORDER BY at, path", args)]
 
     def parked(self) -> dict[str, tuple[str, float]]:
         """Each parked collection: (reason, since)."""

@@ -45,6 +45,12 @@ class Metrics:
             ["collection"],
             registry=r,
         )
+        self.dropped = Counter(
+            "ckptd_checkpoints_dropped",
+            "Checkpoints seen and not published, by reason (ckptd status lists them)",
+            ["collection", "reason"],
+            registry=r,
+        )
         self.parked = Gauge(
             "ckptd_collection_parked", "1 while a collection is parked", ["collection"], registry=r
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 from ckptd import snapshot
 from ckptd.config import Config, WatchConfig
+from ckptd.drops import Drop, DropLog
 from ckptd.errors import PublishError
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
@@ -45,11 +46,13 @@ class Publisher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         retention: Retention | None = None,
+        drops: DropLog | None = None,
     ) -> None:
         self.config = config
         self.online = config.wandb.mode == "online"
         self.metrics = metrics
         self.retention = retention
+        self.drops = drops
         self.journal = journal
         self.sink = sink
         self.retry = RetryPolicy(config.upload.retry)
@@ -234,6 +237,8 @@ class Publisher:
                 "gave up on %s after %d attempts over %.0fs: %s (its files are kept)",
                 row.source, attempts, now - first, exc,
             )  # fmt: skip
+            if self.drops is not None:
+                self.drops.record(Drop(row.collection, row.source, "gave-up", str(exc)), now)
             return
         delay = self.retry.delay(attempts, exc.retry_after)
         self.journal.update(

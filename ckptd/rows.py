@@ -21,6 +21,7 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "Deletion",
+    "Dropped",
     "Row",
     "decode",
     "encode",
@@ -91,6 +92,15 @@ CREATE TABLE IF NOT EXISTS deletions (
     checkpoint_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS deletions_by_checkpoint ON deletions (checkpoint_id);
+-- Candidates seen and not published (ckptd.drops): one row per path and reason, the latest.
+CREATE TABLE IF NOT EXISTS dropped (
+    collection TEXT NOT NULL,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (collection, path, reason)
+);
 """
 
 
@@ -140,6 +150,17 @@ class Deletion:
     reason: str
     at: float
     checkpoint_id: int | None
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A candidate that was seen and not published (see ckptd.drops), as the journal keeps it."""
+
+    collection: str
+    path: str
+    reason: str
+    detail: str
+    at: float
 
 
 _JSON_FIELDS = {"files", "info", "md5s", "aliases"}

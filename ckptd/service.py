@@ -24,6 +24,7 @@ from typing import Any
 from ckptd import snapshot
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
+from ckptd.drops import DropLog
 from ckptd.errors import JournalError
 from ckptd.hashing import Hasher
 from ckptd.journal import Journal, Row
@@ -66,6 +67,7 @@ class Service:
         self.publisher: Publisher | None = None
         self.retention: Retention | None = None
         self.metrics = Metrics()
+        self.drops = DropLog(self.journal, self.metrics)
         self._reachability = Reachability(
             config.wandb.base_url or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
         )
@@ -97,8 +99,9 @@ class Service:
         self.sink = self._sink_factory(self.config)
         self.retention = Retention(self.config, self.journal, self.sink)
         self.publisher = Publisher(
-            self.config, self.journal, self.sink, self.metrics, self.clock, self.retention
-        )
+            self.config, self.journal, self.sink, self.metrics, self.clock, self.retention,
+            self.drops,
+        )  # fmt: skip
         workers = self.config.upload.workers
         self._hasher.start()
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
@@ -205,6 +208,8 @@ class Service:
                 self._next_rescan[index] = now + detector.watch.rescan
             for ready in detector.poll(now):
                 self._accept(detector, ready, now)
+            for drop in detector.take_drops():
+                self.drops.record(drop, now)
         finished = self._stager.collect()
         for index, taken in enumerate(finished):
             try:
@@ -260,6 +265,7 @@ class Service:
             snapshot.remove(taken.dest)
             raise
         taken.detector.mark_done(ready)
+        self.drops.clear(watch.artifact, ready.unit)
         self.metrics.detected.labels(collection=watch.artifact).inc()
         log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
 
