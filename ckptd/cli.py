@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "check":
-            print(f"{args.config or DEFAULT_CONFIG_PATH}: OK ({len(config.watch)} watch entries)")
-            return EXIT_OK
+            return _check(config, args.config or DEFAULT_CONFIG_PATH)
         if args.command == "status":
             return _status(config)
         if args.command == "gc":
@@ -139,6 +138,18 @@ def _run(config: Config, *, once: bool, until_file: Path | None = None) -> int:
         service.shutdown()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _check(config: Config, source: Path) -> int:
+    """Say what the config will do: each watch entry, where it publishes, what it deletes."""
+    from ckptd.retention import describe
+
+    count = len(config.watch)
+    print(f"{source}: OK ({count} watch entr{'y' if count == 1 else 'ies'})")
+    for index, watch in enumerate(config.watch):
+        print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
+        print(f"    retention: {describe(watch.retention)}")
+    return EXIT_OK
 
 
 def _status(config: Config) -> int:

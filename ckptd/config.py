@@ -225,7 +225,8 @@ class _TemplateProbe(dict[str, object]):
 
 
 class RemoteRetention(_Model):
-    keep_last: int | None = Field(5, ge=1)
+    # None keeps every version: ckptd deletes a version only where the config asks for it.
+    keep_last: int | None = Field(None, ge=1)
     protect: tuple[str, ...] = ("latest", "best*", "production", "staging")
     keep_every: int | None = Field(None, ge=1)
     ttl: Duration | None = None
