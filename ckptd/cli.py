@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import signal
@@ -70,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # `ckptd --config FILE [--once]` is `ckptd run --config FILE [--once]`.
     first = args_list[0] if args_list else ""
+    if first and not first.startswith("-") and first not in _COMMANDS:
+        close = difflib.get_close_matches(first, _COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(
+            f"ckptd: unknown command {first!r}{hint} (commands: {', '.join(_COMMANDS)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if first not in _COMMANDS and first not in {"-h", "--help", "--version"}:
         args_list.insert(0, "run")
     args = _parser().parse_args(args_list)

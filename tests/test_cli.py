@@ -118,3 +118,11 @@ def test_check_states_each_entrys_effective_retention(tmp_path: Path) -> None:
         "    retention: W&B: deletes versions except the newest 3 by step; aliases matching "
         "best; disk: deletes published checkpoints but the newest 1"
     )
+
+
+def test_a_mistyped_command_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    """`ckptd stauts` exits 2 and suggests `status` instead of running the daemon."""
+    result = run("stauts", "--config", "x.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown command 'stauts'; did you mean 'status'?" in result.stderr
+    assert run("frobnicate").stderr.startswith("ckptd: unknown command 'frobnicate' (")
