@@ -106,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: Config, *, once: bool, until_file: Path | None = None) -> int:
     from ckptd.logs import setup_logging
+    from ckptd.priority import lower_priority
     from ckptd.service import Service
     from ckptd.sinks.wandb import WandbSink, read_api_key
 
     api_key = read_api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
+    # Before any thread or wandb-core starts: they inherit it.
+    running_at = lower_priority(config.upload.priority)
+    log.info("running at %s (upload.priority: %s)", running_at, config.upload.priority)
     if config.wandb.mode == "online" and not api_key:
         raise CkptdError(
             "wandb.mode is online but no API key was found: set wandb.api_key_file or "

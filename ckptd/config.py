@@ -170,6 +170,17 @@ class UploadConfig(_Model):
     workers: int = Field(4, ge=1, le=64)
     retry: RetryConfig = RetryConfig()
     shutdown_timeout: Duration = 60.0
+    # ckptd and its wandb-core beside a training job: low (nice 10, I/O best-effort 7),
+    # idle (nice 19, I/O idle) or normal.
+    priority: Literal["normal", "low", "idle"] = "low"
+    max_read_rate: SizeValue | None = None  # bytes per second that hashing may read
+
+    @field_validator("max_read_rate")
+    @classmethod
+    def _absolute_rate(cls, rate: Size | None) -> Size | None:
+        if rate is not None and (rate.percent is not None or not rate.bytes):
+            raise ValueError("expected bytes per second such as 200MB")
+        return rate
 
 
 class SidecarConfig(_Model):

@@ -30,6 +30,7 @@ from ckptd.hashing import Hasher
 from ckptd.journal import Journal, Row
 from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
+from ckptd.priority import ReadRate
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
@@ -77,7 +78,9 @@ class Service:
         # that all finish late together and the first upload waits for the last hash.
         threads = min(config.upload.workers, len(os.sched_getaffinity(0)))
         # Owned by the coordinator thread only:
-        self._hasher = Hasher(self.journal, self.wake, threads)
+        rate = config.upload.max_read_rate
+        read_rate = ReadRate(rate.bytes) if rate is not None and rate.bytes else None
+        self._hasher = Hasher(self.journal, self.wake, threads, read_rate)
         self._publishers: ThreadPoolExecutor | None = None
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
