@@ -174,6 +174,9 @@ class UploadConfig(_Model):
 
 class SidecarConfig(_Model):
     wait: Duration = 30.0
+    # auto: wait only where a sidecar is expected (the entry has had one before, or neither
+    # the name nor the framework gives the step); always: wait for every checkpoint; never.
+    expect: Literal["auto", "always", "never"] = "auto"
 
 
 class BestRule(_Model):
@@ -254,6 +257,7 @@ class WatchConfig(_Model):
     poll_interval: Duration = 2.0
     rescan: Duration = 600.0
     settle: Duration = 5.0
+    incomplete_after: Duration = 600.0
     sidecar: SidecarConfig = SidecarConfig()
     aliases: AliasConfig = AliasConfig()
     retention: RetentionConfig = RetentionConfig()

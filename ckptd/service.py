@@ -60,7 +60,7 @@ class Service:
         self.journal = Journal(config.state_dir)
         self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.detectors = [Detector(watch) for watch in config.watch]
+        self.detectors = [Detector(watch, self.staging) for watch in config.watch]
         self.watcher = Watcher(config.watch, self.hints, self.wake)
         self._sink_factory = sink_factory
         self.sink: Sink | None = None
@@ -111,6 +111,8 @@ class Service:
             watch = detector.watch
             for relpath, files in self.journal.recorded_files(watch.artifact, watch.path).items():
                 detector.remember(relpath, files)
+            if self.journal.had_sidecar(watch.artifact, watch.path):
+                detector.expect_sidecars()
         self.watcher.start()
         address = self.config.metrics.address
         if address is not None:
@@ -154,6 +156,17 @@ class Service:
             self.wake.clear()
         return not self.problems()
 
+    def _keep_deleted_holds(self) -> None:
+        """Journal the held candidates that their framework deleted already: the next start
+        could not find them again, and they were whole when held."""
+        now = self.clock()
+        try:
+            for detector in self.detectors:
+                for ready in detector.flush(now):
+                    self._accept(detector, ready, now)
+        except JournalError as exc:
+            self._report_journal_problem(exc)
+
     def _report_journal_problem(self, exc: JournalError) -> None:
         message = str(exc)
         if message != self._last_journal_problem:
@@ -186,6 +199,7 @@ class Service:
                 break
             with contextlib.suppress(Exception):  # the job recorded and logged its own failure
                 future.result(timeout=remaining)
+        self._keep_deleted_holds()
         pending = len(self.journal.rows(states=("ready", "hashed")))
         self._stager.shutdown()
         self._hasher.shutdown()
@@ -239,7 +253,9 @@ class Service:
                 log.warning("filesystem events were lost; rescanning every watched directory")
                 self._next_rescan = [now for _ in self._next_rescan]
                 continue
-            self.detectors[hint.watch_index].hint(hint.path, now, moved_in=hint.moved_in)
+            self.detectors[hint.watch_index].hint(
+                hint.path, now, moved_in=hint.moved_in, written=hint.written, closed=hint.closed
+            )
 
     def _accept(self, detector: Detector, ready: ReadyCheckpoint, now: float) -> None:
         """Snapshot a finished checkpoint and journal it, unless the journal knows it (a
@@ -247,6 +263,10 @@ class Service:
         watch = ready.watch
         if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
             detector.mark_done(ready)
+            if ready.hold is not None:
+                snapshot.remove(ready.hold.dest)
+        elif ready.hold is not None:  # held since it was whole: the hold is the snapshot
+            self._record(Taken(detector, ready, ready.hold.dest, ready.hold.files), now)
         elif not self._stager.busy(ready.unit):
             taken = self._stager.take(detector, ready)
             if taken is not None:
@@ -262,7 +282,8 @@ class Service:
                 files=taken.files, info=ready.info, snapshot=taken.dest, now=now,
             )  # fmt: skip
         except JournalError:
-            snapshot.remove(taken.dest)
+            if ready.hold is None:  # a hold stays the detector's, offered again later
+                snapshot.remove(taken.dest)
             raise
         taken.detector.mark_done(ready)
         self.drops.clear(watch.artifact, ready.unit)
