@@ -109,6 +109,11 @@ class HfPretrainedFormat(DirectoryFormat):
     def judge(self, unit: Path, files: tuple[FileState, ...]) -> tuple[str | None, bool]:
         return pretrained_problem(unit, direct_files(files), self.memo), False
 
+    def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
+        """Never: save_pretrained() writes no last file of its own, and scripts commonly save
+        the tokenizer or processor into the same directory right after the weights."""
+        return False
+
 
 def pretrained_problem(directory: Path, top: dict[str, FileState], memo: Memo) -> str | None:
     """Why the `save_pretrained()` files in `directory` (by name: `top`) are not a whole
