@@ -90,8 +90,8 @@ class _Candidate:
     reason: str = "not checked yet"
 
     @classmethod
-    def new(cls, now: float) -> _Candidate:
-        return cls(first_seen=now, recheck_at=now, stable_since=now)
+    def new(cls, now: float, *, hinted: bool = True) -> _Candidate:
+        return cls(first_seen=now, recheck_at=now, hinted=hinted, stable_since=now)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Detector:
             return 0
         for unit in units:
             if unit not in self._pending:
-                self._pending[unit] = _Candidate.new(now)
+                self._pending[unit] = _Candidate.new(now, hinted=False)
         return len(units)
 
     def expect_sidecars(self) -> None:
@@ -310,7 +310,7 @@ class Detector:
             default=0,
         )
         pending.seen, pending.files, pending.stable_since = seen, files, now
-        pending.ready_since, pending.info, pending.quiet = None, None, 0
+        pending.ready_since, pending.quiet = None, 0
         return True
 
     def _hold(
@@ -325,7 +325,7 @@ class Detector:
             if _identities(pending.hold.files) == _identities(files):
                 return True
             self._holder.release(pending.hold)
-            pending.hold = None
+            pending.hold, pending.info = None, None
         assert pending.base is not None
         try:
             pending.hold = self._holder.take(pending.base, files)
@@ -370,12 +370,14 @@ class Detector:
     ) -> ReadyCheckpoint | None:
         """Not whole by the format's rules: wait, and drop what stays empty, unknown or
         incomplete for too long."""
+        if verdict.reason != pending.reason:
+            log.debug("%s is not finished: %s", unit, verdict.reason)
         pending.reason = verdict.reason
         if UNREADABLE in verdict.reason:
             self._warn_once(f"read:{unit}", "checkpoint %s: %s; will retry", unit, verdict.reason)
         if pending.hold is not None:
             return None  # a rewrite in progress: the hold waits for the new content
-        steady = now - pending.stable_since >= self.watch.settle
+        steady = self._settled(pending, now)
         files = pending.files
         if steady and files and all(f.size == 0 for f in files):
             self.drop(unit, "zero-bytes", f"{len(files)} file(s), all empty")
@@ -392,7 +394,7 @@ class Detector:
         """Settled: read the sidecar (waiting for it where one is expected)."""
         if pending.ready_since is None:
             pending.ready_since = now
-        if pending.info is None:
+        if pending.hold is None or pending.info is None:  # a hold's info was read with it
             pending.info = self.fmt.info(unit)
         info = self._info(unit, pending, pending.info, now)
         if info is None:
