@@ -441,8 +441,9 @@ def test_save_pretrained_inside_a_trainer_checkpoint_is_part_of_it(
     shutil.copytree(real_layouts / "sharded", unit / "merged")
     assert list(fmt.scan(root)) == [unit]
     assert fmt.unit_for(root, unit / "merged" / "config.json") == unit
-    assert isinstance(fmt, AutoFormat) and fmt.owner(unit) is not None
-    assert fmt.owner(unit).name == "hf-trainer"  # type: ignore[union-attr]
+    assert isinstance(fmt, AutoFormat)
+    owner = fmt.owner(unit)
+    assert owner is not None and owner.name == "hf-trainer"
     verdict = fmt.check(unit)
     assert verdict.ready, verdict.reason
     assert {"merged/config.json", "merged/model.safetensors.index.json"} <= names(verdict)

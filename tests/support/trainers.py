@@ -96,7 +96,7 @@ def hf_trainer(out: Path, recorder: Recorder) -> None:
 
     pacer = Pacer(SECONDS_PER_STEP)
 
-    class Record(TrainerCallback):  # type: ignore[misc]
+    class Record(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             pacer.step()
 
@@ -144,7 +144,7 @@ def lightning(out: Path, recorder: Recorder) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    class RecordingIO(TorchCheckpointIO):  # type: ignore[misc]
+    class RecordingIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, **kwargs: Any) -> None:
             super().save_checkpoint(checkpoint, path, **kwargs)
             metric = trainer.callback_metrics.get("val_loss")
