@@ -343,6 +343,14 @@ def pretrained(
 _PRETRAINED = ["plain", "sharded", "bin", "adapter", "adapter-bin"]
 
 
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("fmt_name", ["hf-pretrained", "auto"])
 @pytest.mark.parametrize("layout", _PRETRAINED)
 def test_save_pretrained_directory_is_one_unit(
@@ -463,6 +471,30 @@ def test_hf_pretrained_never_claims_a_trainer_checkpoint(tmp_path: Path) -> None
     shutil.copytree(spec("hf-trainer").unit_path(root, STEP), renamed)
     assert list(fmt.scan(root)) == []
     assert fmt.unit_for(root, renamed / "config.json") is None
+
+
+@pytest.mark.parametrize("layout", _PRETRAINED)
+def test_garbage_in_save_pretrained_files_never_raises(
+    layout: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """Whatever bytes a save_pretrained() directory's files hold (JSON that does not parse,
+    an index without a weight_map or naming `../x`, a torn safetensors header), checking it
+    returns a verdict instead of raising; a file that cannot be what its name says keeps
+    the directory unfinished, named in the reason."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout)
+    for path in sorted(unit.iterdir()):
+        original = path.read_bytes()
+        for garbage in _GARBAGE:
+            path.write_bytes(garbage)
+            verdict = fmt.check(unit)
+            fmt.info(unit)
+            unusable = path.suffix == ".safetensors" or (
+                path.suffix == ".json" and (not _parses(garbage) or "index" in path.name)
+            )
+            if unusable:
+                assert not verdict.ready and path.name in verdict.reason, (path.name, garbage)
+        path.write_bytes(original)
+    assert fmt.check(unit).ready
 
 
 def test_save_pretrained_step_comes_from_the_name(real_layouts: Path, tmp_path: Path) -> None:
