@@ -409,10 +409,30 @@ def test_save_pretrained_missing_part_is_not_ready(
 ) -> None:
     """A model without its weights or config, or an adapter without its weights or config,
     is not finished, and the reason names what is missing."""
-    fmt, unit = pretrained(real_layouts, tmp_path, layout)
+    fmt, unit = pretrained(real_layouts, tmp_path, layout, "hf-pretrained")
     (unit / remove).unlink()
     verdict = fmt.check(unit)
     assert not verdict.ready and reason in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("layout", "keep"), [("plain", "config.json"), ("plain", "model.safetensors"),
+                         ("sharded", "model-00001-of-00008.safetensors")],
+)  # fmt: skip
+def test_config_alone_or_bare_weights_are_no_save_pretrained_directory(
+    layout: str, keep: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """transformers writes config.json first: a config.json alone (no weights yet, or no
+    model at all) or weights without a config are not claimed, so auto reports such a
+    directory as a layout it does not recognise instead of waiting on it."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout)
+    for path in unit.iterdir():
+        if path.name != keep:
+            path.unlink()
+    assert isinstance(fmt, AutoFormat) and fmt.owner(unit) is None
+    assert list(fmt.scan(unit.parent)) == []
+    verdict = fmt.check(unit)
+    assert not verdict.ready and verdict.unrecognised
 
 
 @pytest.mark.parametrize(

@@ -100,11 +100,21 @@ class HfPretrainedFormat(DirectoryFormat):
     name = "hf-pretrained"
 
     def owns(self, entry: Path) -> bool:
+        """An adapter's config or weights (peft writes the weights first); or a model's
+        config.json with weights, an index or a shard beside it (transformers writes the
+        config first). A config.json alone is not a checkpoint, nor are bare weights."""
         if _NAME.fullmatch(entry.name) or (entry / _STATE).is_file():
             return False
-        # peft writes the adapter's weights before its config: either names the unit.
-        markers = (_CONFIG, _ADAPTER_CONFIG, *_ADAPTER_WEIGHTS, *_WEIGHTS, *_INDEXES)
-        return any((entry / name).is_file() for name in markers)
+        if any((entry / name).is_file() for name in (_ADAPTER_CONFIG, *_ADAPTER_WEIGHTS)):
+            return True
+        if not (entry / _CONFIG).is_file():
+            return False
+        try:
+            names = [path.name for path in entry.iterdir()]
+        except OSError:
+            return False
+        weights = (*_WEIGHTS, *_INDEXES)
+        return any(name in weights or _SHARD.fullmatch(name) for name in names)
 
     def judge(self, unit: Path, files: tuple[FileState, ...]) -> tuple[str | None, bool]:
         return pretrained_problem(unit, direct_files(files), self.memo), False
