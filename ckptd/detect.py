@@ -34,6 +34,7 @@ from ckptd.errors import CheckpointChanged, SidecarError
 from ckptd.formats import CheckpointFormat, Verdict, format_for, is_temp_name
 from ckptd.formats.checks import UNREADABLE
 from ckptd.holds import Hold, Holder
+from ckptd.writers import open_for_writing
 
 __all__ = ["Detector", "ReadyCheckpoint"]
 
@@ -101,6 +102,7 @@ class Detector:
 
     watch: WatchConfig
     staging: Path | None = None
+    close_evidence: bool = True  # the observer reports closes (inotify), not polling
     fmt: CheckpointFormat = field(init=False)
     _pending: dict[Path, _Candidate] = field(default_factory=dict, init=False)
     _done: dict[Path, str] = field(default_factory=dict, init=False)
@@ -428,20 +430,24 @@ class Detector:
         return min(_MAX_BACKOFF, base * 2.0 ** min(pending.quiet - 3, 10))
 
     def _closed_after_writing(self, pending: _Candidate) -> bool:
-        """inotify's evidence that the unit is written: no file is being written (a write
-        since its last close), at least one was seen closed, and every other one was last
-        written no later than that close. Files written before the watch reached them (a
-        new directory's first files, reported only as created) have no close of their own.
-        The polling observer sends no closes: there this is never true, `settle` decides."""
-        if not pending.files or pending.base is None or not pending.conclusive:
+        """inotify's evidence that the unit is written: no file has been written since it
+        was last closed, and each one either was seen closed or, the kernel says, is open
+        for writing nowhere (ckptd.writers). The latter covers files written before the
+        watch reached them (a new directory's first files, reported only as created). The
+        polling observer has no such evidence (remote writers are invisible to local
+        leases): there, and where the kernel will not say, `settle` decides."""
+        if not (self.close_evidence and pending.conclusive and pending.files):
             return False
-        states = [pending.closed.get(str(pending.base / f.name)) for f in pending.files]
-        if False in states or True not in states:
+        assert pending.base is not None
+        paths = [pending.base / f.name for f in pending.files]
+        states = [pending.closed.get(str(path)) for path in paths]
+        if False in states:
             return False
-        last_close = max(f.mtime_ns for f, s in zip(pending.files, states, strict=True) if s)
-        return all(
-            s or f.mtime_ns <= last_close for f, s in zip(pending.files, states, strict=True)
-        )
+        for path, closed in zip(paths, states, strict=True):
+            busy = open_for_writing(path)
+            if busy or (busy is None and not closed):
+                return False
+        return True
 
     def _settled(self, pending: _Candidate, now: float) -> bool:
         if now - pending.stable_since >= self.watch.settle:

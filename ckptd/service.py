@@ -35,7 +35,7 @@ from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
 from ckptd.staging import Stager, Taken
-from ckptd.watcher import Hint, Watcher
+from ckptd.watcher import Hint, Watcher, observer_kind
 
 __all__ = ["Service"]
 
@@ -61,7 +61,10 @@ class Service:
         self.journal = Journal(config.state_dir)
         self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.detectors = [Detector(watch, self.staging) for watch in config.watch]
+        self.detectors = [
+            Detector(watch, self.staging, close_evidence=observer_kind(watch) == "inotify")
+            for watch in config.watch
+        ]
         self.watcher = Watcher(config.watch, self.hints, self.wake)
         self._sink_factory = sink_factory
         self.sink: Sink | None = None

@@ -64,12 +64,12 @@ def test_in_place_write_waits_for_settle(root: Path, tmp_path: Path) -> None:
     data = zip_bytes(tmp_path)
     path.write_bytes(data[:100])  # torn: no zip end record yet
     set_mtime(path, T0)
-    detector.hint(path, T0)
+    detector.hint(path, T0, written=True)
     assert detector.poll(T0) == []
     assert "end" in detector.pending()[path]
     path.write_bytes(data)
     set_mtime(path, T0 + 1)
-    detector.hint(path, T0 + 1)
+    detector.hint(path, T0 + 1, written=True)  # no close seen: the writer may go on
     assert detector.poll(T0 + 1) == []  # complete but not settled
     assert detector.poll(T0 + 5.9) == []
     (ready,) = detector.poll(T0 + 7)  # rechecks come at most a second apart
