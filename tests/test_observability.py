@@ -72,7 +72,15 @@ def test_metrics_and_health_endpoints(
     wandb_server.inject("CreateArtifact", status=500, times=2)
     path = renamed_in(tmp_path / "ck", "ckpt_1.pt", 10_000, step=1, metrics={"val_loss": 1.0})
     daemon.wait_for_log("ckpt_1.pt as model:v", timeout=60)
-    _, text = get(f"{url}/metrics")
+    # The version is logged as published just before its counters move (on its aliasing).
+    scraped: list[str] = []
+
+    def counted() -> bool:
+        scraped.append(get(f"{url}/metrics")[1])
+        return "ckptd_checkpoints_published_total{" in scraped[-1]
+
+    wait_until(counted, 10, "the publish to be counted")
+    text = scraped[-1]
     assert metric(text, "ckptd_checkpoints_detected_total", collection="model") == 1
     assert metric(text, "ckptd_checkpoints_published_total", collection="model") == 1
     assert metric(text, "ckptd_uploaded_bytes_total", collection="model") == path.stat().st_size

@@ -107,9 +107,10 @@ def finished_checkpoint(root: Path, name: str = "ckpt_3.pt") -> Path:
     return path
 
 
-def detector(root: Path) -> Detector:
+def detector(root: Path, expect: str = "auto") -> Detector:
+    sidecar_config = {"wait": 30, "expect": expect}
     return Detector(
-        WatchConfig.model_validate({"path": root, "settle": 5, "sidecar": {"wait": 30}})
+        WatchConfig.model_validate({"path": root, "settle": 5, "sidecar": sidecar_config})
     )
 
 
@@ -148,9 +149,10 @@ def test_bad_sidecar_gives_one_line_and_the_checkpoint_goes_ahead(
 
 
 def test_sidecar_arriving_late_within_the_wait_is_used(tmp_path: Path) -> None:
-    """A sidecar written after the checkpoint, inside sidecar.wait, supplies its metrics."""
+    """Where a sidecar is expected, one written after the checkpoint, inside sidecar.wait,
+    supplies its metrics."""
     ckpt = finished_checkpoint(tmp_path)
-    d = detector(tmp_path)
+    d = detector(tmp_path, expect="always")
     d.scan(T0)
     assert d.poll(T0) == []
     path = sidecar.write(ckpt, step=300, metrics={"val_loss": 0.5})
@@ -162,10 +164,11 @@ def test_sidecar_arriving_late_within_the_wait_is_used(tmp_path: Path) -> None:
 def test_sidecar_arriving_never_is_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No sidecar within sidecar.wait: one line names the checkpoint and the step used."""
+    """An expected sidecar that never arrives within sidecar.wait: one line names the
+    checkpoint and the step used."""
     caplog.set_level(logging.INFO)
     ckpt = finished_checkpoint(tmp_path)
-    d = detector(tmp_path)
+    d = detector(tmp_path, expect="always")
     d.scan(T0)
     assert d.poll(T0) == []
     (ready,) = d.poll(T0 + 31)
