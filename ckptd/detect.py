@@ -20,6 +20,7 @@ from ckptd.drops import Drop
 from ckptd.errors import SidecarError
 from ckptd.formats import CheckpointFormat, format_for
 from ckptd.formats.checks import UNREADABLE
+from ckptd.inputs import name_problem, printable
 
 __all__ = ["Detector", "ReadyCheckpoint"]
 
@@ -153,7 +154,12 @@ class Detector:
         for unit, pending in list(self._pending.items()):
             if pending.recheck_at > now:
                 continue
-            result = self._evaluate(unit, pending, now)
+            try:
+                result = self._evaluate(unit, pending, now)
+            except Exception as exc:  # one bad candidate must never stop the others
+                log.debug("evaluating %s failed", printable(unit), exc_info=True)
+                self.drop(unit, "crashed", f"{type(exc).__name__}: {exc}")
+                continue
             if result is not None:
                 ready.append(result)
         return ready
@@ -168,6 +174,9 @@ class Detector:
 
     def _evaluate(self, unit: Path, pending: _Pending, now: float) -> ReadyCheckpoint | None:
         pending.recheck_at = now + min(_MAX_RECHECK, max(0.05, self.watch.settle / 4))
+        if (bad_name := name_problem(unit, self.root)) is not None:
+            self.drop(unit, "refused", bad_name)
+            return None
         if unit.is_symlink():
             self._skip_symlink(unit)
             self.forget(unit)
@@ -184,6 +193,9 @@ class Detector:
         except OSError as exc:
             pending.reason = f"cannot read: {exc.strerror or exc}"
             self._warn_once(f"read:{unit}", "cannot read checkpoint %s: %s; will retry", unit, exc)
+            return None
+        if verdict.refused:
+            self.drop(unit, "refused", verdict.refused)
             return None
         observed = verdict.files + verdict.signals  # trackers restart the window too
         if observed != pending.files:
@@ -237,7 +249,7 @@ class Detector:
         """Merge the name's, the framework's and the sidecar's information; None to wait."""
         base = self.fmt.info(unit)
         try:
-            found = sidecar.read(unit)
+            found = sidecar.read(unit, self.root, flat_metadata=self.watch.sidecar.flat_metadata)
         except SidecarError as exc:
             self._warn_once(f"sidecar:{unit}:{exc}", "%s; publishing without its metrics", exc)
             return base
