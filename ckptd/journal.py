@@ -16,6 +16,7 @@ found at start-up belongs to a dead process and is taken back.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -71,6 +72,7 @@ class Journal:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             if exclusive:
+                self._restrict()
                 self._take_lock()
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.row_factory = sqlite3.Row
@@ -91,8 +93,23 @@ class Journal:
             ) from None
         self._db = db
         if exclusive:
+            self._restrict()  # the -wal and -shm files exist now
             self.release_stale_leases()
         return self
+
+    def _restrict(self) -> None:
+        """The state directory 0700 and the journal's files 0600, whatever the umask: they
+        name every checkpoint, its metrics and the project (never the key, which they do not
+        hold). SQLite gives -wal and -shm the database file's mode; a new database file is
+        created 0600 here first."""
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        modes = {self.state_dir: 0o700, self.path: 0o600}
+        modes.update({Path(f"{self.path}{end}"): 0o600 for end in ("-wal", "-shm")})
+        for path, mode in modes.items():
+            # Missing (-wal before the first write) or not ours (a shared directory an
+            # administrator set up): leave it as it is.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                path.chmod(mode)
 
     @property
     def is_open(self) -> bool:
