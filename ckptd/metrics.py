@@ -135,6 +135,11 @@ class _BoundedServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(limit)
         super().__init__(address, handler)
 
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now."""
+        return self._limit - self._slots._value
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             log.debug("metrics endpoint: %d connections open; closing one more", self._limit)
@@ -172,13 +177,18 @@ class HealthServer:
         self.max_connections = max_connections
         self.read_timeout = read_timeout
         self.ready = ready  # None when ready, else why not
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.server_address[1])
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (at most `max_connections`)."""
+        return self._server.open_connections if self._server is not None else 0
 
     def start(self) -> None:
         owner = self
@@ -210,7 +220,7 @@ class HealthServer:
                 log.debug("metrics endpoint: " + format, *args)
 
         try:
-            self._server = _BoundedServer(self.address, Handler, self.max_connections)
+            server = _BoundedServer(self.address, Handler, self.max_connections)
         except OSError as exc:
             from ckptd.errors import CkptdError
 
@@ -218,8 +228,9 @@ class HealthServer:
             raise CkptdError(
                 f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from None
+        self._server = server
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="ckptd-metrics", daemon=True
+            target=server.serve_forever, name="ckptd-metrics", daemon=True
         )
         self._thread.start()
         log.info("metrics and health on http://%s:%d/metrics", self.address[0], self.port)

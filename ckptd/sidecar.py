@@ -13,6 +13,7 @@ opens only regular files inside the root and turns every problem into a SidecarE
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -122,6 +123,8 @@ def read(
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # a 255-byte checkpoint name's sidecar
+                continue  # cannot exist
             raise SidecarError(f"{path}: refused: {exc.strerror or exc}") from None
         if len(data) > MAX_SIDECAR_BYTES:
             raise SidecarError(

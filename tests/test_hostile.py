@@ -1,0 +1,444 @@
+"""Hostile and broken input: one bad file never stops, hangs or leaks (issue 14).
+
+Probed as an attacker with write access to a watched directory would, and as a buggy
+training script would. The daemon tests drop several bad files into one running daemon,
+then a good checkpoint, and check that the daemon is still up, the good checkpoint is
+published, each bad file is named once with its reason, and nothing from outside the root
+reached the journal or the W&B records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import stat
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckptd import sidecar
+from ckptd.config import load_config
+from ckptd.errors import ConfigError, SidecarError
+from ckptd.inputs import open_regular
+from ckptd.journal import Journal
+from ckptd.metrics import HealthServer, Metrics
+from ckptd.restore import RestoreError, refuse_references
+from tests.conftest import CKPTD, Daemon, wait_until
+from tests.support.checkpoints import renamed_in
+
+SECRET = "hunter2-outside-the-root"
+DEEP = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+
+OFFLINE = """\
+state_dir: state
+wandb: {{mode: offline, project: hostile}}
+metrics: {{listen: "127.0.0.1:0", stall_after: 5m}}
+watch:
+  - path: ck
+    artifact: hostile
+    format: auto
+    settle: 1s
+    sidecar: {{wait: {wait}}}
+    aliases: {{templates: ["step-{{step}}"], best: [{{metric: val_loss, mode: min}}]}}
+"""
+
+
+def sidecar_error(body: bytes, **options: bool) -> str:
+    path = Path("/ck/ckpt_1.pt.metrics.json")
+    with pytest.raises(SidecarError) as info:
+        sidecar.parse(body, path, **options)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+# -- values: steps, metrics, metadata, nesting ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"step": Infinity}', "'step'"),
+        (b'{"step": NaN}', "'step'"),
+        (b'{"step": -Infinity}', "'step'"),
+        (b'{"step": 1e400}', "'step'"),
+        (b'{"step": 1e30}', "'step'"),
+        (b'{"step": 9223372036854775808}', "'step'"),
+        (b'{"step": true}', "'step'"),
+        (b'{"step": 1, "metrics": {"val_loss": -Infinity}}', "'metrics.val_loss'"),
+        (b'{"step": 1, "metrics": {"val_loss": 1e400}}', "'metrics.val_loss'"),
+        (b'{"step": 1, "metrics": {"val_loss": "low"}}', "'metrics.val_loss'"),
+        (b'{"step": 1, "metrics": {"val_loss": true}}', "'metrics.val_loss'"),
+        (b'{"step": 1, "val_loss": NaN}', "'val_loss'"),
+        (b'{"step": 1, "metadata": {"lr": Infinity}}', "'metadata.lr'"),
+        (b'{"step": 1, "description": "\\ud800"}', "'description'"),
+        (b'{"step": 1, "metadata": {"\\udfff": 1}}', "'metadata.\\udfff'"),
+        (b'{"metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, "deeper than"),
+    ],
+)
+def test_values_the_journal_or_wandb_cannot_carry_are_refused_naming_the_key(
+    body: bytes, named: str
+) -> None:
+    """Infinite, NaN, out-of-range and boolean steps, non-finite or non-numeric metrics,
+    non-finite metadata, lone surrogates and deep nesting raise SidecarError naming the key."""
+    assert named in sidecar_error(body)
+
+
+def test_a_sidecar_nested_100000_levels_is_a_sidecar_error() -> None:
+    """100,000 levels of nesting (a RecursionError in json) is a SidecarError, not a crash."""
+    assert "not usable JSON" in sidecar_error(DEEP)
+
+
+def test_a_huge_integer_is_a_sidecar_error() -> None:
+    """An integer of 5,000 digits (past Python's conversion limit) is a SidecarError."""
+    sidecar_error(b'{"step": ' + b"9" * 5000 + b"}")
+
+
+def test_the_largest_step_the_journal_holds_is_accepted(tmp_path: Path) -> None:
+    """Step 2**63-1 passes (the bound is the journal's, not lower); 5.0 reads as 5."""
+    assert sidecar.parse(b'{"step": 9223372036854775807}', tmp_path)["step"] == 2**63 - 1
+    assert sidecar.parse(b'{"step": 5.0}', tmp_path)["step"] == 5
+
+
+def test_flat_form_strings_are_not_metrics_and_are_ignored_unless_opted_in(
+    tmp_path: Path,
+) -> None:
+    """In the flat form only numbers are metrics; other keys are ignored, or are metadata
+    with `flat_metadata`, never metrics."""
+    body = b'{"step": 2, "val_loss": 0.5, "AWS_SECRET": "xyz", "nested": {"a": 1}}'
+    plain = sidecar.parse(body, tmp_path)
+    assert plain["metrics"] == {"val_loss": 0.5} and plain["metadata"] == {}
+    opted = sidecar.parse(body, tmp_path, flat_metadata=True)
+    assert opted["metrics"] == {"val_loss": 0.5}
+    assert opted["metadata"] == {"AWS_SECRET": "xyz", "nested": {"a": 1}}
+
+
+def test_flat_metadata_is_a_per_watch_config_key(tmp_path: Path) -> None:
+    """`sidecar: {flat_metadata: true}` loads; it is off by default."""
+    path = tmp_path / "c.yaml"
+    path.write_text("watch: [{path: ck, sidecar: {wait: 1s, flat_metadata: true}}]\n")
+    assert load_config(path).watch[0].sidecar.flat_metadata is True
+    path.write_text("watch: [{path: ck}]\n")
+    assert load_config(path).watch[0].sidecar.flat_metadata is False
+
+
+# -- only regular files inside the root -----------------------------------------------------
+
+
+def test_a_fifo_sidecar_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO named like a sidecar is refused by name at once (opening it would wait for a
+    writer forever)."""
+    os.mkfifo(tmp_path / "ckpt_1.pt.metrics.json")
+    outcome: list[BaseException | object] = []
+    reader = threading.Thread(
+        target=lambda: outcome.append(_catch(lambda: sidecar.read(tmp_path / "ckpt_1.pt")))
+    )
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "sidecar.read blocked on a FIFO"
+    (error,) = outcome
+    assert isinstance(error, SidecarError) and "a FIFO, not a regular file" in str(error)
+
+
+def _catch(action: Callable[[], object]) -> BaseException | object:
+    try:
+        return action()
+    except Exception as exc:
+        return exc
+
+
+def test_a_sidecar_symlinked_out_of_the_root_is_refused(tmp_path: Path) -> None:
+    """A sidecar that resolves outside the watched root is refused, naming where it leads."""
+    root, outside = tmp_path / "ck", tmp_path / "outside.json"
+    root.mkdir()
+    outside.write_text(json.dumps({"step": 1, "password": SECRET}))
+    (root / "ckpt_1.pt.metrics.json").symlink_to(outside)
+    with pytest.raises(SidecarError, match="outside the watched root") as info:
+        sidecar.read(root / "ckpt_1.pt", root)
+    assert SECRET not in str(info.value)
+
+
+def test_open_regular_refuses_a_fifo_swapped_in(tmp_path: Path) -> None:
+    """open_regular refuses FIFOs and sockets by kind and never blocks on them."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError, match="a FIFO"):
+        open_regular(tmp_path / "pipe")
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(tmp_path / "sock"))
+        with pytest.raises(OSError, match="a socket"):
+            open_regular(tmp_path / "sock")
+    finally:
+        server.close()
+
+
+# -- configuration: alias bombs and secrets -------------------------------------------------
+
+
+def yaml_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, levels):
+        refs = ",".join([f"*a{level - 1}"] * 9)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    return "\n".join(lines) + "\nwatch: [{path: ck}]\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """`ckptd check` on ~700 bytes of nested aliases (9**9 nodes expanded) exits 2 naming the
+    file, under a 1 GiB address-space limit and within seconds."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml_bomb())
+    assert len(path.read_bytes()) < 1000
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [*CKPTD, "check", "--config", str(path)], capture_output=True, text=True, timeout=60,
+        preexec_fn=limit_memory,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert str(path) in result.stderr and "expands to more than 100000 nodes" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_secret_interpolated_into_a_config_error_is_masked(tmp_path: Path) -> None:
+    """A validation error on a value from ${WANDB_API_KEY} shows `${WANDB_API_KEY}`, not the
+    key; so does the runtime error for `api_key_file: "${WANDB_API_KEY}"`."""
+    key = "local-0123456789abcdef0123456789abcdef01234567"
+    path = tmp_path / "c.yaml"
+    path.write_text('wandb: {mode: "${WANDB_API_KEY}"}\nwatch: [{path: ck}]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"WANDB_API_KEY": key})
+    assert key not in str(info.value) and "${WANDB_API_KEY}" in str(info.value)
+
+    path.write_text(
+        'state_dir: state\nwandb: {mode: online, api_key_file: "${WANDB_API_KEY}"}\n'
+        "metrics: {listen: null}\nwatch: [{path: ck}]\n"
+    )
+    env = {**os.environ, "WANDB_API_KEY": key}
+    result = subprocess.run(
+        [*CKPTD, "--config", str(path), "--once"], capture_output=True, text=True, timeout=60,
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert key not in result.stderr + result.stdout
+    assert "cannot read" in result.stderr and "${WANDB_API_KEY}" in result.stderr
+
+
+# -- least privilege --------------------------------------------------------------------
+
+
+def test_state_dir_and_journal_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """With umask 000 the state dir is 0700 and the journal with its -wal and -shm 0600."""
+    previous = os.umask(0)
+    try:
+        journal = Journal(tmp_path / "state").open()
+        journal.record_drop("c", "p", "refused", "", 1.0)  # a write: -wal and -shm exist
+        try:
+            modes = {
+                p.name: stat.S_IMODE(p.stat().st_mode)
+                for p in (tmp_path / "state").iterdir()
+                if p.name.startswith("journal")
+            }
+            assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+        finally:
+            journal.close()
+    finally:
+        os.umask(previous)
+    assert set(modes) == {"journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"}
+    assert set(modes.values()) == {0o600}
+
+
+def test_a_key_file_readable_by_others_is_warned_about_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 0644 key file is read with one WARNING naming the file, never its content; a 0600
+    one without."""
+    from ckptd.sinks.wandb import read_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("local-secret-key-content\n")
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(f"wandb: {{api_key_file: {key_file}}}\nwatch: [{{path: ck}}]\n")
+    config = load_config(config_path)
+    key_file.chmod(0o600)
+    assert read_api_key(config, {}) == "local-secret-key-content"
+    assert not caplog.records
+    key_file.chmod(0o644)
+    assert read_api_key(config, {}) == "local-secret-key-content"
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and str(key_file) in record.getMessage()
+    assert "local-secret-key-content" not in caplog.text
+
+
+def test_restore_refuses_file_references_outside_the_allowed_roots(tmp_path: Path) -> None:
+    """A manifest entry referencing file:///etc/... (or s3://) is refused by default; one under
+    --allow-reference-root is followed, as are http(s) references."""
+    from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
+
+    def entry(path: str, ref: str | None) -> ArtifactManifestEntry:
+        return ArtifactManifestEntry(path=path, digest="abc", ref=ref, size=1)
+
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    held = {"model.pt": entry("model.pt", None)}
+    refuse_references(held, "x:v0", ())
+    with pytest.raises(RestoreError, match="file:///etc/passwd"):
+        refuse_references({"p": entry("p", "file:///etc/passwd")}, "x:v0", ())
+    with pytest.raises(RestoreError, match="only http"):
+        refuse_references({"p": entry("p", "s3://bucket/key")}, "x:v0", (allowed,))
+    inside = {"p": entry("p", f"file://{allowed}/sub/w.pt"), "h": entry("h", "https://a/b")}
+    refuse_references(inside, "x:v0", (allowed,))
+    escape = {"p": entry("p", f"file://{allowed}/../outside.pt")}
+    with pytest.raises(RestoreError, match="outside the directories"):
+        refuse_references(escape, "x:v0", (allowed,))
+
+
+# -- the metrics server: bounded -------------------------------------------------------------
+
+
+@pytest.fixture
+def health() -> Iterator[HealthServer]:
+    server = HealthServer(
+        ("127.0.0.1", 0), Metrics(), lambda: None, lambda: None,
+        max_connections=4, read_timeout=0.5,
+    )  # fmt: skip
+    server.start()
+    yield server
+    server.stop()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - loopback
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_silent_connection_is_cut_off_after_the_read_timeout(health: HealthServer) -> None:
+    """A client that connects and sends nothing is disconnected after read_timeout."""
+    with socket.create_connection(("127.0.0.1", health.port), timeout=10) as conn:
+        started = time.monotonic()
+        assert conn.recv(1) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(health: HealthServer) -> None:
+    """With max_connections held open by silent clients, one more is closed at once; once
+    they are gone, /healthz answers again."""
+    held = [socket.create_connection(("127.0.0.1", health.port), timeout=10) for _ in range(4)]
+    try:
+        wait_until(lambda: health.open_connections == 4, 10, "the held connections")
+        with socket.create_connection(("127.0.0.1", health.port), timeout=10) as extra:
+            started = time.monotonic()
+            assert extra.recv(1) == b""
+            assert time.monotonic() - started < 0.4  # before any read timeout
+    finally:
+        for conn in held:
+            conn.close()
+    wait_until(lambda: get(f"http://127.0.0.1:{health.port}/healthz")[0] == 200, 10, "healthz")
+
+
+# -- the daemon: one group of bad files, then a good checkpoint ------------------------------
+
+
+def published_lines(daemon: Daemon) -> list[str]:
+    return [line for line in daemon.log().splitlines() if " published " in line]
+
+
+def warnings_naming(daemon: Daemon, name: str) -> list[str]:
+    return [line for line in daemon.log().splitlines() if "WARNING" in line and name in line]
+
+
+def recorded_bytes(tmp_path: Path) -> bytes:
+    """Everything the daemon stored: the journal and the offline run's .wandb records."""
+    state = tmp_path / "state"
+    files = [p for p in state.rglob("*") if p.is_file() and "staging" not in p.parts]
+    return b"".join(p.read_bytes() for p in files)
+
+
+def test_bad_files_in_a_watched_directory_are_refused_by_name_and_the_daemon_serves_on(
+    tmp_path: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """FIFOs named like a checkpoint or a sidecar, sidecars with hostile values or nesting, a
+    sidecar and a checkpoint file symlinked out of the root, a non-UTF-8 and a 255-byte name:
+    the daemon stays up, names each bad file once with its reason, publishes a good
+    checkpoint written after them, and nothing from outside the root is stored."""
+    root, outside = tmp_path / "ck", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secrets.json").write_text(json.dumps({"step": 7, "token": SECRET}))
+    (outside / "weights.bin").write_text(SECRET)
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(OFFLINE.format(wait="5s"))
+    daemon = start_daemon("--config", str(config), env=wandb_env)
+    daemon.wait_for_log("ckptd started")
+
+    os.mkfifo(root / "fifo_1.pt")  # a checkpoint name: opening it would block
+    os.mkfifo(root / "piped_2.pt.metrics.json")  # a sidecar name
+    renamed_in(root, "piped_2.pt")
+    bad_values = {
+        "deep_3.pt": DEEP,
+        "inf_4.pt": b'{"step": Infinity}',
+        "nan_5.pt": b'{"step": NaN}',
+        "huge_6.pt": b'{"step": 1e400}',
+        "wide_7.pt": b'{"step": 1e30}',
+        "minf_8.pt": b'{"step": 8, "metrics": {"val_loss": -Infinity}}',
+    }
+    for name, body in bad_values.items():
+        (root / f"{name}.metrics.json").write_bytes(body)
+        renamed_in(root, name)
+    (root / "leak_9.pt.metrics.json").symlink_to(outside / "secrets.json")
+    renamed_in(root, "leak_9.pt")
+    unit = root / "checkpoint-10"
+    unit.mkdir()
+    (unit / "trainer_state.json").write_text('{"global_step": 10}')
+    (unit / "model.safetensors").symlink_to(outside / "weights.bin")
+    undecodable = os.fsdecode(b"bad\xff_11.pt")
+    renamed_in(root, undecodable)
+    long_name = "l" * 240 + "_12.pt"  # 246 bytes: with TensorFlow's `_temp` still valid
+    longest = "m" * 249 + "_13.pt"  # 255 bytes: `_temp` makes it ENAMETOOLONG
+    for name in (long_name, longest):  # renamed_in's temp name would be too long
+        os.replace(renamed_in(root, ".long"), root / name)
+
+    renamed_in(root, "good_100.pt", step=100, metrics={"val_loss": 0.1})
+    daemon.wait_for_log(f"published {root / 'good_100.pt'} as hostile", timeout=60)
+    for name in ("piped_2.pt", *bad_values, "leak_9.pt", long_name, longest):
+        daemon.wait_for_log(f"published {root / name} as hostile", timeout=60)
+    assert daemon.proc.poll() is None, daemon.log()
+
+    expected = {
+        "fifo_1.pt": "a FIFO, not a regular file",
+        "piped_2.pt.metrics.json": "a FIFO, not a regular file",
+        "deep_3.pt.metrics.json": "not usable JSON",
+        "inf_4.pt.metrics.json": "'step' must be a finite number",
+        "nan_5.pt.metrics.json": "'step' must be a finite number",
+        "huge_6.pt.metrics.json": "'step' must be a finite number",
+        "wide_7.pt.metrics.json": "'step' must be at most 2**63-1",
+        "minf_8.pt.metrics.json": "'metrics.val_loss' must be a finite number",
+        "leak_9.pt.metrics.json": "outside the watched root",
+        "checkpoint-10": "outside the watched root",
+        repr(undecodable)[1:-1]: "not valid UTF-8",
+    }
+    for name, reason in expected.items():
+        lines = warnings_naming(daemon, name)
+        assert len(lines) == 1, (name, lines)
+        assert reason in lines[0], (name, lines[0])
+    for name in (long_name, longest):  # handled: published, and nothing to warn about
+        assert not [line for line in warnings_naming(daemon, name) if "ckptd.publish" not in line]
+    assert "Traceback" not in daemon.log()
+    assert daemon.stop() == 0
+    stored = recorded_bytes(tmp_path)
+    assert SECRET.encode() not in stored
+    assert b"bad\xff" not in stored
