@@ -43,7 +43,10 @@ from ckptd.rows import (
     encode,
 )  # fmt: skip
 
-__all__ = ["END_STATES", "STATES", "Deletion", "Dropped", "Journal", "Row"]
+__all__ = ["END_STATES", "MAX_STEP", "STATES", "Deletion", "Dropped", "Journal", "Row"]
+
+
+MAX_STEP = 2**63 - 1  # SQLite's INTEGER; sidecar and name parsing keep steps within it
 
 
 def _boot_id() -> str:
@@ -194,7 +197,8 @@ class Journal:
                 (highest,) = db.execute(
                     "SELECT MAX(step) FROM checkpoints WHERE collection = ?", (collection,)
                 ).fetchone()
-                step = 0 if highest is None else highest + 1
+                # The highest step the journal holds stays the highest (it cannot grow).
+                step = 0 if highest is None else min(highest + 1, MAX_STEP)
             cursor = db.execute(
                 "INSERT OR IGNORE INTO checkpoints (collection, watch_path, relpath, "
                 "fingerprint, format, step, state, files, info, snapshot, detected_at, "

@@ -9,9 +9,13 @@ reached the journal or the W&B records.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
 import os
 import resource
+import shutil
 import socket
 import stat
 import subprocess
@@ -19,22 +23,43 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ckptd import sidecar
-from ckptd.config import load_config
+from ckptd.checkpoint import CheckpointInfo, FileState
+from ckptd.config import Config, load_config
+from ckptd.detect import Detector, ReadyCheckpoint
+from ckptd.drops import DropLog
 from ckptd.errors import ConfigError, SidecarError
+from ckptd.formats import Verdict
 from ckptd.inputs import open_regular
-from ckptd.journal import Journal
+from ckptd.journal import Journal, Row
 from ckptd.metrics import HealthServer, Metrics
+from ckptd.publish import Publisher, invalid
 from ckptd.restore import RestoreError, refuse_references
+from ckptd.service import Service
+from ckptd.sinks.wandb import WandbSink
 from tests.conftest import CKPTD, Daemon, wait_until
 from tests.support.checkpoints import renamed_in
+from tests.support.mounts import tmpfs
 
 SECRET = "hunter2-outside-the-root"
+
+
+def _zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data.pkl", b"x" * 100)
+    return buffer.getvalue()
+
+
+ZIP = _zip()
 DEEP = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
 
 OFFLINE = """\
@@ -442,3 +467,230 @@ def test_bad_files_in_a_watched_directory_are_refused_by_name_and_the_daemon_ser
     stored = recorded_bytes(tmp_path)
     assert SECRET.encode() not in stored
     assert b"bad\xff" not in stored
+
+
+# -- isolation and liveness, in process -------------------------------------------------------
+
+
+def offline_config(tmp_path: Path, *, stall_after: str = "5m", settle: str = "0s") -> Config:
+    (tmp_path / "ck").mkdir(exist_ok=True)
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(
+        "state_dir: state\nwandb: {mode: offline, project: hostile}\n"
+        f'metrics: {{listen: "127.0.0.1:0", stall_after: {stall_after}}}\n'
+        f"watch: [{{path: ck, artifact: hostile, settle: {settle}, sidecar: {{wait: 0s}}}}]\n"
+    )
+    return load_config(path)
+
+
+def test_an_unexpected_exception_drops_that_candidate_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that raises something unforeseen drops that candidate as `crashed` (naming
+    the exception) and the detector still returns the other finished candidate."""
+    config = offline_config(tmp_path)
+    detector = Detector(config.watch[0])
+    root = config.watch[0].path
+    bad, good = renamed_in(root, "bad_1.pt"), renamed_in(root, "good_2.pt")
+    real_check = detector.fmt.check
+
+    def check(unit: Path) -> Verdict:
+        if unit == bad:
+            raise RuntimeError("a bug ckptd did not foresee")
+        return real_check(unit)
+
+    monkeypatch.setattr(detector.fmt, "check", check)  # the one way to reach the safety net
+    now = time.time() + 60
+    detector.scan(now)
+    assert [r.unit for r in detector.poll(now)] == [good]
+    (drop,) = detector.take_drops()
+    assert (drop.path, drop.reason) == (bad, "crashed")
+    assert drop.detail == "RuntimeError: a bug ckptd did not foresee"
+
+
+def hashed_row(journal: Journal, tmp_path: Path, step: int, metrics: dict[str, object]) -> Row:
+    snap = tmp_path / "state" / "staging" / f"s{step}"
+    snap.mkdir(parents=True)
+    (snap / f"c_{step}.pt").write_bytes(b"x" * step)
+    files = (FileState.of(f"c_{step}.pt", snap / f"c_{step}.pt"),)
+    row_id = journal.add(
+        collection="hostile", watch_path=tmp_path / "ck", relpath=f"c_{step}.pt",
+        fingerprint=f"f{step}", format="file", step=step, files=files,
+        info=CheckpointInfo(step=step, metrics=metrics), snapshot=snap, now=1.0,
+    )  # fmt: skip
+    assert row_id is not None
+    return journal.transition(
+        row_id, "hashed", 2.0, md5s={f"c_{step}.pt": "eA=="}, digest=f"d{step}"
+    )
+
+
+def test_a_value_wandb_cannot_take_fails_that_checkpoint_at_once_not_the_queue(
+    tmp_path: Path,
+) -> None:
+    """A row whose metrics hold -Infinity (an older journal's, say) is `failed` with a drop
+    `invalid` at its first attempt, the sink is never called, the collection is not parked,
+    and the next checkpoint is first in line."""
+    config = offline_config(tmp_path)
+    metrics = Metrics()
+    with Journal(config.state_dir) as journal:
+        bad = hashed_row(journal, tmp_path, 1, {"val_loss": -math.inf})
+        after = hashed_row(journal, tmp_path, 2, {"val_loss": 0.5})
+        publisher = Publisher(
+            config, journal, WandbSink(config), metrics, drops=DropLog(journal, metrics)
+        )
+        publisher.publish(bad)
+        failed = journal.get(bad.id)
+        assert failed.state == "failed" and (failed.last_error or "").startswith("invalid: ")
+        assert [(d.path, d.reason) for d in journal.drops()] == [(str(bad.source), "invalid")]
+        assert journal.parked() == {}
+        assert [r.id for r in journal.rows(states=("ready", "hashed"))] == [after.id]
+        assert not Path(bad.snapshot or "").exists()  # nothing can make it publishable
+
+
+def test_healthz_fails_within_stall_after_while_the_coordinator_is_stuck(
+    tmp_path: Path, wandb_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/healthz stays 200 while the coordinator loop steps (past stall_after), answers 503
+    naming the stall within stall_after of a step that hangs, and 200 once it moves again."""
+    for name, value in wandb_env.items():
+        monkeypatch.setenv(name, value)
+    service = Service(offline_config(tmp_path, stall_after="2s"), WandbSink)
+    stop = threading.Event()
+    loop = threading.Thread(target=service.run, args=(stop,), name="ckptd-test-loop")
+    service.start()
+    try:
+        assert service.health is not None
+        url = f"http://127.0.0.1:{service.health.port}/healthz"
+        loop.start()
+        green_until = time.monotonic() + 3
+        while time.monotonic() < green_until:
+            assert get(url) == (200, "ok\n")
+        # Hang the next step where a hung disk would: on the journal (a test-only handle).
+        with service.journal._lock:
+            stuck_at = time.monotonic()
+            wait_until(lambda: get(url)[0] == 503, 10, "healthz 503")
+            waited = time.monotonic() - stuck_at
+            status, body = get(url)
+        assert status == 503 and "coordinator stalled" in body and "stall_after is 2s" in body
+        assert waited <= 2 + 1.5  # the step started at most one idle wake before the hang
+        wait_until(lambda: get(url) == (200, "ok\n"), 10, "healthz 200 again")
+    finally:
+        stop.set()
+        service.wake.set()
+        if loop.is_alive():
+            loop.join(30)
+        service.shutdown()
+
+
+# -- fuzzing: sidecar bytes and file names through the parser, detector, journal, planner ----
+
+_KEYS = st.sampled_from(
+    ["step", "epoch", "metrics", "aliases", "metadata", "run_path", "description", "val_loss"]
+)
+_TEXT = st.text(max_size=4) | st.sampled_from(["\ud800", "a\udfff", "step-{step}", "a/b/c"])
+_NUMBERS = (
+    st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([2**63 - 1, 2**63, 1e30, -0.0, 1e308])
+)
+_JSON = st.recursive(
+    st.none() | st.booleans() | _NUMBERS | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS | _TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+SIDECAR_BYTES = (
+    st.dictionaries(_KEYS, _JSON, max_size=5).map(lambda value: json.dumps(value).encode())
+    | _JSON.map(lambda value: json.dumps(value).encode())
+    | st.binary(max_size=32)
+    | st.integers(min_value=1, max_value=3000).map(lambda n: b'{"step": ' + b"[" * n)
+)
+FILE_NAMES = st.one_of(
+    st.text(st.characters(exclude_characters="/\x00"), min_size=1, max_size=24).map(
+        lambda name: name + ".pt"
+    ),
+    st.binary(min_size=1, max_size=24).map(
+        lambda raw: os.fsdecode(raw.replace(b"/", b"_").replace(b"\x00", b"_")) + ".pt"
+    ),
+    st.integers(min_value=200, max_value=252).map(lambda n: "x" * n + ".pt"),
+    st.sampled_from(["ckpt_99999999999999999999999.pt", "epoch=1-step=1e999-v=1e999.ckpt"]),
+)
+BATCH = 10  # generated inputs per example: hypothesis's own cost per example dominates
+
+
+def fuzz(examples: int) -> settings:
+    return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def publishable(data: dict[str, object]) -> None:
+    """What parse returns can be planned and published without a further check failing."""
+    json.dumps(data, allow_nan=False)
+    step = data.get("step")
+    assert step is None or (isinstance(step, int) and 0 <= step <= 2**63 - 1)
+
+
+@fuzz(600)
+@given(bodies=st.lists(SIDECAR_BYTES, min_size=BATCH, max_size=BATCH), flat=st.booleans())
+def test_fuzz_sidecar_bytes_give_a_sidecar_error_or_publishable_values(
+    bodies: list[bytes], flat: bool
+) -> None:
+    """6,000 generated sidecars: parse returns publishable values or raises SidecarError."""
+    for body in bodies:
+        try:
+            data = sidecar.parse(body, Path("/ck/x.metrics.json"), flat_metadata=flat)
+        except SidecarError:
+            continue
+        publishable(data)
+
+
+def test_fuzz_names_and_sidecars_through_detector_journal_and_planner(tmp_path: Path) -> None:
+    """4,000 generated file names, each with a generated sidecar: the detector, the journal
+    and the publisher's planning step give drops or publishable requests, never a crash."""
+    config = offline_config(tmp_path)
+    watch, root = config.watch[0], config.watch[0].path
+    metrics = Metrics()
+    with tmpfs(tmp_path / "fast", "256m") as fast, Journal(fast) as journal:
+        drops = DropLog(journal, metrics)
+        publisher = Publisher(config, journal, WandbSink(config), metrics, drops=drops)
+
+        @fuzz(400)
+        @given(pairs=st.lists(st.tuples(FILE_NAMES, SIDECAR_BYTES), min_size=BATCH, max_size=BATCH))
+        def one(pairs: list[tuple[str, bytes]]) -> None:
+            shutil.rmtree(root)
+            root.mkdir()
+            for name, body in pairs:
+                try:
+                    (root / name).write_bytes(ZIP)
+                except (OSError, UnicodeEncodeError):
+                    continue  # no filesystem takes it (too long, '.', a surrogate of no byte)
+                with contextlib.suppress(OSError):
+                    (root / f"{name}.metrics.json").write_bytes(body)
+            candidates([root / name for name, _ in pairs])
+
+        def candidates(paths: list[Path]) -> None:
+            detector = Detector(watch)
+            now = time.time() + 3600
+            detector.scan(now)
+            for path in paths:
+                detector.hint(path, now, moved_in=True)
+            ready = detector.poll(now)
+            for drop in detector.take_drops():
+                assert drop.reason != "crashed", drop
+                drops.record(drop, now)
+            for found in ready:
+                plan(found, now)
+
+        def plan(found: ReadyCheckpoint, now: float) -> None:
+            assert not journal.known(watch.artifact, root, found.relpath, found.fingerprint)
+            row_id = journal.add(
+                collection=watch.artifact, watch_path=root, relpath=found.relpath,
+                fingerprint=found.fingerprint, format=found.format, step=found.info.step,
+                files=found.files, info=found.info, snapshot=None, now=now,
+            )  # fmt: skip
+            assert row_id is not None
+            md5s = {f.name: "eA==" for f in found.files}
+            row = journal.transition(row_id, "hashed", now, md5s=md5s, digest=str(row_id))
+            _, request = publisher._prepare(row, watch, root)
+            assert invalid(request) is None, request.metadata
+            journal.transition(row_id, "superseded", now)  # out of the next plan's way
+
+        one()
