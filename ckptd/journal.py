@@ -75,8 +75,12 @@ class Journal:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             if exclusive:
-                self._restrict()
                 self._take_lock()
+                if not self.path.exists():
+                    # Created 0600 before SQLite opens it, and never opened again: closing
+                    # any descriptor of the file would drop SQLite's POSIX locks on it.
+                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                self._restrict()
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout = 5000")
@@ -103,9 +107,7 @@ class Journal:
     def _restrict(self) -> None:
         """The state directory 0700 and the journal's files 0600, whatever the umask: they
         name every checkpoint, its metrics and the project (never the key, which they do not
-        hold). SQLite gives -wal and -shm the database file's mode; a new database file is
-        created 0600 here first."""
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        hold). SQLite gives -wal and -shm the database file's mode. chmod only: no open."""
         modes = {self.state_dir: 0o700, self.path: 0o600}
         modes.update({Path(f"{self.path}{end}"): 0o600 for end in ("-wal", "-shm")})
         for path, mode in modes.items():
