@@ -32,6 +32,7 @@ from ckptd.inputs import printable
 from ckptd.journal import Journal, Row
 from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
+from ckptd.priority import ReadRate
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
@@ -62,7 +63,7 @@ class Service:
         self.journal = Journal(config.state_dir)
         self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.detectors = [Detector(watch) for watch in config.watch]
+        self.detectors = [Detector(watch, self.staging) for watch in config.watch]
         self.watcher = Watcher(config.watch, self.hints, self.wake)
         self._sink_factory = sink_factory
         self.sink: Sink | None = None
@@ -79,7 +80,9 @@ class Service:
         # that all finish late together and the first upload waits for the last hash.
         threads = min(config.upload.workers, len(os.sched_getaffinity(0)))
         # Owned by the coordinator thread only:
-        self._hasher = Hasher(self.journal, self.wake, threads, self.drops)
+        rate = config.upload.max_read_rate
+        read_rate = ReadRate(rate.bytes) if rate is not None and rate.bytes else None
+        self._hasher = Hasher(self.journal, self.wake, threads, read_rate, self.drops)
         self._publishers: ThreadPoolExecutor | None = None
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
@@ -114,6 +117,8 @@ class Service:
             watch = detector.watch
             for relpath, files in self.journal.recorded_files(watch.artifact, watch.path).items():
                 detector.remember(relpath, files)
+            if self.journal.had_sidecar(watch.artifact, watch.path):
+                detector.expect_sidecars()
         self.watcher.start()
         address = self.config.metrics.address
         if address is not None:
@@ -157,6 +162,17 @@ class Service:
             self.wake.clear()
         return not self.problems()
 
+    def _keep_deleted_holds(self) -> None:
+        """Journal the held candidates that their framework deleted already: the next start
+        could not find them again, and they were whole when held."""
+        now = self.clock()
+        try:
+            for detector in self.detectors:
+                for ready in detector.flush(now):
+                    self._accept(detector, ready, now)
+        except JournalError as exc:
+            self._report_journal_problem(exc)
+
     def _report_journal_problem(self, exc: JournalError) -> None:
         message = str(exc)
         if message != self._last_journal_problem:
@@ -189,6 +205,7 @@ class Service:
                 break
             with contextlib.suppress(Exception):  # the job recorded and logged its own failure
                 future.result(timeout=remaining)
+        self._keep_deleted_holds()
         pending = len(self.journal.rows(states=("ready", "hashed")))
         self._stager.shutdown()
         self._hasher.shutdown()
@@ -248,7 +265,9 @@ class Service:
                 continue
             detector = self.detectors[hint.watch_index]
             try:
-                detector.hint(hint.path, now, moved_in=hint.moved_in)
+                detector.hint(
+                    hint.path, now, moved_in=hint.moved_in, written=hint.written, closed=hint.closed
+                )
             except Exception as exc:  # a hostile name must not stop the hints behind it
                 log.debug("hint %s failed", printable(hint.path), exc_info=True)
                 detector.drop(hint.path, "crashed", f"{type(exc).__name__}: {exc}")
@@ -284,6 +303,10 @@ class Service:
         watch = ready.watch
         if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
             detector.mark_done(ready)
+            if ready.hold is not None:
+                snapshot.remove(ready.hold.dest)
+        elif ready.hold is not None:  # held since it was whole: the hold is the snapshot
+            self._record(Taken(detector, ready, ready.hold.dest, ready.hold.files), now)
         elif not self._stager.busy(ready.unit):
             taken = self._stager.take(detector, ready)
             if taken is not None:
@@ -298,7 +321,11 @@ class Service:
                 fingerprint=ready.fingerprint, format=ready.format, step=ready.info.step,
                 files=taken.files, info=ready.info, snapshot=taken.dest, now=now,
             )  # fmt: skip
-        except Exception:  # no row points at the snapshot
+        except JournalError:
+            if ready.hold is None:  # a hold stays the detector's, offered again later
+                snapshot.remove(taken.dest)
+            raise
+        except Exception:  # never offered again (see _guarded): no row points at it
             snapshot.remove(taken.dest)
             raise
         taken.detector.mark_done(ready)

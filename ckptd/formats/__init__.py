@@ -101,8 +101,12 @@ class Verdict:
     to publish, as stat'ed during the check. `signals`: files outside the unit that told
     the format it may be finished (a tracker such as Megatron's, named relative to the
     root), as stat'ed during the check: never published, but a change to one restarts the
-    settle window like a change to `files` does. `refused`: why the unit will never be
-    published (not a regular file, a symlink leaving the root), naming the file.
+    settle window like a change to `files` does. `unrecognised`: no format knows the unit's
+    layout (the detector reports it once it stays so). `conclusive`: `ready` proves every
+    file is written once each is closed after its last write (inotify's evidence may then
+    end the settle window early); False where the rule can pass while files still land.
+    `refused`: why the unit will never be published (not a regular file, a symlink leaving
+    the root), naming the file.
     """
 
     ready: bool
@@ -110,6 +114,8 @@ class Verdict:
     committed: bool = False
     files: tuple[FileState, ...] = ()
     signals: tuple[FileState, ...] = ()
+    unrecognised: bool = False
+    conclusive: bool = True
     refused: str | None = None
 
 
