@@ -437,8 +437,11 @@ def test_bad_files_in_a_watched_directory_are_refused_by_name_and_the_daemon_ser
     for name in (long_name, longest):  # renamed_in's temp name would be too long
         os.replace(renamed_in(root, ".long"), root / name)
 
+    written = time.monotonic()
     renamed_in(root, "good_100.pt", step=100, metrics={"val_loss": 0.1})
     daemon.wait_for_log(f"published {root / 'good_100.pt'} as hostile", timeout=60)
+    latency = time.monotonic() - written
+    assert latency < 15, latency  # settle is 1s; a clean checkpoint takes a few seconds
     for name in ("piped_2.pt", *bad_values, "leak_9.pt", long_name, longest):
         daemon.wait_for_log(f"published {root / name} as hostile", timeout=60)
     assert daemon.proc.poll() is None, daemon.log()
@@ -467,6 +470,30 @@ def test_bad_files_in_a_watched_directory_are_refused_by_name_and_the_daemon_ser
     stored = recorded_bytes(tmp_path)
     assert SECRET.encode() not in stored
     assert b"bad\xff" not in stored
+
+
+def test_once_exits_after_a_checkpoint_whose_sidecar_holds_infinite_metrics(
+    tmp_path: Path, wandb_env: dict[str, str]
+) -> None:
+    """`--once` with a -Infinity / 1e400 metric beside a checkpoint publishes it (without
+    those metrics) and the next one, and exits 0 instead of retrying for give_up_after."""
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(OFFLINE.format(wait="1s").replace('"127.0.0.1:0"', "null"))
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "bad_1.pt.metrics.json").write_bytes(b'{"metrics": {"val_loss": -Infinity}}')
+    renamed_in(root, "bad_1.pt")
+    (root / "bad_2.pt.metrics.json").write_bytes(b'{"metrics": {"val_loss": 1e400}}')
+    renamed_in(root, "bad_2.pt")
+    renamed_in(root, "good_3.pt", step=3, metrics={"val_loss": 0.2})
+    result = subprocess.run(
+        [*CKPTD, "--config", str(config), "--once"], env=wandb_env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("bad_1.pt", "bad_2.pt", "good_3.pt"):
+        assert f"published {root / name} as hostile" in result.stderr
+    assert "'metrics.val_loss' must be a finite number" in result.stderr
 
 
 # -- isolation and liveness, in process -------------------------------------------------------
