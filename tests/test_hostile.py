@@ -19,6 +19,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -47,6 +48,7 @@ from ckptd.service import Service
 from ckptd.sinks.wandb import WandbSink
 from tests.conftest import CKPTD, Daemon, wait_until
 from tests.support.checkpoints import renamed_in
+from tests.support.fake_wandb import FakeWandbServer
 from tests.support.mounts import tmpfs
 
 SECRET = "hunter2-outside-the-root"
@@ -327,6 +329,40 @@ def test_restore_refuses_file_references_outside_the_allowed_roots(tmp_path: Pat
     escape = {"p": entry("p", f"file://{allowed}/../outside.pt")}
     with pytest.raises(RestoreError, match="outside the directories"):
         refuse_references(escape, "x:v0", (allowed,))
+
+
+PUBLISH_REFERENCE = """\
+import sys, wandb
+run = wandb.init(project="hostile", job_type="attacker")
+artifact = wandb.Artifact("evil", type="model")
+artifact.add_reference(f"file://{sys.argv[1]}", name="weights.pt")
+run.log_artifact(artifact, aliases=["latest"])
+run.finish()
+"""
+
+
+def test_restore_refuses_a_version_referencing_a_local_file(
+    tmp_path: Path, wandb_server: FakeWandbServer
+) -> None:
+    """`ckptd restore` of a version whose entry references file:///...outside exits 1
+    naming the reference, and writes nothing: neither the file nor the destination."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text(SECRET)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(wandb_server.env(tmp_path / "wandb"), HOME=str(tmp_path))
+    subprocess.run(
+        [sys.executable, "-c", PUBLISH_REFERENCE, str(outside)], env=env, check=True,
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    dest = tmp_path / "dest"
+    result = subprocess.run(
+        [*CKPTD, "restore", "evil", "--to", str(dest), "--project", "hostile"], env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"references file://{outside}" in result.stderr
+    assert "--allow-reference-root" in result.stderr
+    assert not dest.exists()
 
 
 # -- the metrics server: bounded -------------------------------------------------------------
