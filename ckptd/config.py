@@ -48,7 +48,7 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.example.yaml")
 
 Format = Literal[
-    "auto", "file", "hf-trainer", "lightning", "deepspeed", "torch-dcp",
+    "auto", "file", "hf-trainer", "hf-pretrained", "lightning", "deepspeed", "torch-dcp",
     "orbax", "megatron", "nemo", "keras", "tensorflow",
 ]  # fmt: skip
 FORMATS: tuple[str, ...] = get_args(Format)

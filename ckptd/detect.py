@@ -81,7 +81,7 @@ class _Candidate:
     newest_ns: int = 0  # the newest write among `files` (mtime, or ctime before we held it)
     renamed: bool = False
     conclusive: bool = True  # the last verdict's (see Verdict.conclusive)
-    closed: dict[str, bool] = field(default_factory=dict)  # path -> closed after last write
+    closed: dict[str, bool] = field(default_factory=dict)  # path -> closed since last write
     whole_since: float | None = None
     ready_since: float | None = None
     hold: Hold | None = None
@@ -440,11 +440,20 @@ class Detector:
         return min(_MAX_BACKOFF, base * 2.0 ** min(pending.quiet - 3, 10))
 
     def _closed_after_writing(self, pending: _Candidate) -> bool:
-        """inotify saw every file of the unit closed after its last write (the polling
-        observer sends no closes, so there this is never true and `settle` decides)."""
+        """inotify's evidence that the unit is written: no file is being written (a write
+        since its last close), at least one was seen closed, and every other one was last
+        written no later than that close. Files written before the watch reached them (a
+        new directory's first files, reported only as created) have no close of their own.
+        The polling observer sends no closes: there this is never true, `settle` decides."""
         if not pending.files or pending.base is None or not pending.conclusive:
             return False
-        return all(pending.closed.get(str(pending.base / f.name)) for f in pending.files)
+        states = [pending.closed.get(str(pending.base / f.name)) for f in pending.files]
+        if False in states or True not in states:
+            return False
+        last_close = max(f.mtime_ns for f, s in zip(pending.files, states, strict=True) if s)
+        return all(
+            s or f.mtime_ns <= last_close for f, s in zip(pending.files, states, strict=True)
+        )
 
     def _settled(self, pending: _Candidate, now: float) -> bool:
         if now - pending.stable_since >= self.watch.settle:

@@ -49,9 +49,11 @@ NETWORK_FILESYSTEMS = frozenset({
 @dataclass(frozen=True)
 class Hint:
     """Something happened at `path` under watch entry `watch_index`. `moved_in` marks a
-    rename into place; `written` a file written to (created or modified); `closed` a file
-    closed after writing (inotify's IN_CLOSE_WRITE: the polling observer never sends it);
-    `overflow` means events were lost and the root needs a rescan."""
+    rename into place; `written` a file written to (modified); `closed` a file closed after
+    writing (inotify's IN_CLOSE_WRITE: the polling observer never sends it); `overflow` means
+    events were lost and the root needs a rescan. A creation is neither: in a directory that
+    is new to the watch, watchdog reports files that are already written, and closed, as
+    created."""
 
     watch_index: int
     path: Path
@@ -108,7 +110,7 @@ class _Handler(FileSystemEventHandler):
         # destination is empty when it left it (inotify's unpaired halves).
         if event.src_path:
             source = Path(os.fsdecode(event.src_path))
-            written = event.event_type in {"created", "modified"} and not event.is_directory
+            written = event.event_type == "modified" and not event.is_directory
             closed = isinstance(event, FileClosedEvent)
             self._hints.put(Hint(self._index, source, written=written, closed=closed))
         if moved and event.dest_path:

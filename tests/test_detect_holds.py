@@ -297,3 +297,35 @@ def test_holds_are_released_when_a_candidate_is_forgotten(root: Path, staging: P
     assert second != first
     detector.forget(path)
     assert list(staging.iterdir()) == []
+
+
+def test_files_written_before_the_watch_reached_a_new_directory_count_as_closed(
+    root: Path, staging: Path
+) -> None:
+    """A new `checkpoint-N/`: its first files were closed before watchdog watched the
+    directory and are reported only as created; the files after them are seen written and
+    closed. The close of the last one, later than the first ones' writes, is evidence
+    enough: the unit is finished at once, not after `settle`."""
+    detector = Detector(watch(root, format="hf-trainer"), staging)
+    unit = hf_checkpoint(root, 20, T0 - 2)
+    for name in ("config.json", "model.safetensors"):
+        detector.hint(unit / name, T0)  # synthetic "created": no write, no close
+    state = unit / "trainer_state.json"
+    set_mtime(state, T0)
+    detector.hint(state, T0, written=True)
+    detector.hint(state, T0, closed=True)
+    (ready,) = detector.poll(T0)
+    assert ready.info.step == 20
+
+
+def test_a_file_newer_than_every_close_is_not_taken_for_closed(root: Path, staging: Path) -> None:
+    """A file reported only as created, whose last write is later than the last close seen
+    in the unit, may still be open for writing: the settle window decides."""
+    detector = Detector(watch(root, format="hf-trainer"), staging)
+    unit = hf_checkpoint(root, 30, T0)
+    set_mtime(unit / "config.json", T0 - 2)
+    detector.hint(unit / "config.json", T0, closed=True)
+    for name in ("model.safetensors", "trainer_state.json"):
+        detector.hint(unit / name, T0)  # created, written at T0: after config.json's close
+    assert detector.poll(T0) == []
+    assert "unchanged" in detector.pending()[unit]

@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -25,6 +27,7 @@ from ckptd.formats.checks import (
     check_pickle,
     check_tar,
     check_tf_index,
+    check_zip,
     torch_saved_ints,
 )
 from ckptd.formats.tensorflow import named_prefixes
@@ -126,6 +129,18 @@ def test_tar_check_wants_the_end_of_archive(tmp_path: Path) -> None:
     assert check_tar(path) is not None
     path.write_bytes(b"\x1f\x8b" + b"\0" * 600)
     assert check_tar(path) is None
+
+
+@pytest.mark.parametrize("cut", range(1, 22))
+def test_zip_cut_inside_its_end_record_is_torn(cut: int, tmp_path: Path) -> None:
+    """A torch.save zip cut anywhere inside its 22-byte end record is reported as torn, not
+    an error: its signature alone is no end record."""
+    path = tmp_path / "pytorch_model.bin"
+    data = torch_bytes({"w": torch.zeros(4)})
+    path.write_bytes(data[:-cut])
+    assert check_zip(path) == "zip end-of-central-directory record not written yet"
+    path.write_bytes(data)
+    assert check_zip(path) is None
 
 
 def test_tf_index_and_pickle_checks(tmp_path: Path) -> None:
@@ -297,6 +312,217 @@ def test_hf_bad_trainer_state_never_raises(
     info = fmt.info(unit)
     assert info.step == STEP and info.metrics == {}
     assert caplog.records == []
+
+
+# -- save_pretrained() and PEFT directories (real files) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_layouts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What transformers' and peft's `save_pretrained` really write (tests/support/trainers.py
+    `layouts`, in a process of its own): plain, sharded, bin, adapter, adapter-bin."""
+    out = tmp_path_factory.mktemp("layouts")
+    subprocess.run(
+        [sys.executable, "-m", "tests.support.trainers", "layouts", str(out / "made"),
+         str(out / "record.jsonl")],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return out / "made"
+
+
+def pretrained(
+    real_layouts: Path, tmp_path: Path, layout: str, fmt: str = "auto"
+) -> tuple[CheckpointFormat, Path]:
+    """A copy of one real layout under tmp_path/root, and the format watching that root."""
+    root = tmp_path / "root"
+    fmt_obj = fmt_of(root, fmt)
+    shutil.copytree(real_layouts / layout, root / layout)
+    return fmt_obj, root / layout
+
+
+_PRETRAINED = ["plain", "sharded", "bin", "adapter", "adapter-bin"]
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fmt_name", ["hf-pretrained", "auto"])
+@pytest.mark.parametrize("layout", _PRETRAINED)
+def test_save_pretrained_directory_is_one_unit(
+    layout: str, fmt_name: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """Each directory save_pretrained() writes (a model unsharded, sharded or as a .bin, a
+    PEFT adapter as safetensors or .bin) is one hf-pretrained unit, ready with every file."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout, fmt_name)
+    root = unit.parent
+    files = {p.name for p in unit.iterdir()}
+    assert list(fmt.scan(root)) == [unit]
+    assert all(fmt.unit_for(root, unit / name) == unit for name in files)
+    if isinstance(fmt, AutoFormat):
+        owner = fmt.owner(unit)
+        assert owner is not None and owner.name == "hf-pretrained"
+    verdict = fmt.check(unit)
+    assert verdict.ready and not verdict.committed, verdict.reason
+    assert not verdict.conclusive  # a tokenizer may follow the weights: settle decides
+    assert names(verdict) == files
+
+
+def test_sharded_save_pretrained_needs_every_shard_its_index_names(
+    real_layouts: Path, tmp_path: Path
+) -> None:
+    """A shard the index names but absent, a torn shard, or shards without their index
+    (save_pretrained writes the index last) keep the directory unfinished, named."""
+    fmt, unit = pretrained(real_layouts, tmp_path, "sharded")
+    shards = sorted(unit.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3
+    kept = shards[1].read_bytes()
+    shards[1].unlink()
+    verdict = fmt.check(unit)
+    assert not verdict.ready and f"names {shards[1].name}, which is missing" in verdict.reason
+    shards[1].write_bytes(kept[:-5])
+    verdict = fmt.check(unit)
+    assert not verdict.ready and shards[1].name in verdict.reason
+    shards[1].write_bytes(kept)
+    (unit / "model.safetensors.index.json").unlink()
+    verdict = fmt.check(unit)
+    assert not verdict.ready and "model.safetensors.index.json missing" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("layout", "remove", "reason"),
+    [
+        ("plain", "model.safetensors", "no weights yet"),
+        ("plain", "config.json", "no config.json yet"),
+        ("bin", "pytorch_model.bin", "no weights yet"),
+        ("adapter", "adapter_config.json", "no adapter_config.json yet"),
+        ("adapter", "adapter_model.safetensors", "no adapter weights yet"),
+        ("adapter-bin", "adapter_model.bin", "no adapter weights yet"),
+    ],
+)
+def test_save_pretrained_missing_part_is_not_ready(
+    layout: str, remove: str, reason: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """A model without its weights or config, or an adapter without its weights or config,
+    is not finished, and the reason names what is missing."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout, "hf-pretrained")
+    (unit / remove).unlink()
+    verdict = fmt.check(unit)
+    assert not verdict.ready and reason in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("layout", "keep"), [("plain", "config.json"), ("plain", "model.safetensors"),
+                         ("sharded", "model-00001-of-00008.safetensors")],
+)  # fmt: skip
+def test_config_alone_or_bare_weights_are_no_save_pretrained_directory(
+    layout: str, keep: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """transformers writes config.json first: a config.json alone (no weights yet, or no
+    model at all) or weights without a config are not claimed, so auto reports such a
+    directory as a layout it does not recognise instead of waiting on it."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout)
+    for path in unit.iterdir():
+        if path.name != keep:
+            path.unlink()
+    assert isinstance(fmt, AutoFormat) and fmt.owner(unit) is None
+    assert list(fmt.scan(unit.parent)) == []
+    verdict = fmt.check(unit)
+    assert not verdict.ready and verdict.unrecognised
+
+
+@pytest.mark.parametrize(
+    ("layout", "torn"), [("plain", "model.safetensors"), ("adapter", "adapter_model.safetensors"),
+                         ("bin", "pytorch_model.bin"), ("adapter", "adapter_config.json")]
+)  # fmt: skip
+def test_save_pretrained_torn_file_is_not_ready(
+    layout: str, torn: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """A weights file cut short (safetensors header vs size, zip end record) or a torn JSON
+    config is a write still in flight."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout)
+    data = (unit / torn).read_bytes()
+    (unit / torn).write_bytes(data[: len(data) - 7])
+    verdict = fmt.check(unit)
+    assert not verdict.ready and torn in verdict.reason
+
+
+def test_save_pretrained_temp_file_blocks_it(real_layouts: Path, tmp_path: Path) -> None:
+    """safetensors' in-flight `.tmpXXXXXX` inside the directory means not finished yet."""
+    fmt, unit = pretrained(real_layouts, tmp_path, "plain")
+    (unit / ".tmpQ1w2E3").write_bytes(b"half")
+    verdict = fmt.check(unit)
+    assert not verdict.ready and ".tmpQ1w2E3" in verdict.reason
+
+
+def test_save_pretrained_inside_a_trainer_checkpoint_is_part_of_it(
+    real_layouts: Path, tmp_path: Path
+) -> None:
+    """A save_pretrained() directory inside checkpoint-N/ is part of that checkpoint, never a
+    unit of its own, and its missing shard keeps the whole checkpoint unfinished."""
+    fmt, unit = written(tmp_path, "hf-trainer", fmt="auto")
+    root = unit.parent
+    shutil.copytree(real_layouts / "sharded", unit / "merged")
+    assert list(fmt.scan(root)) == [unit]
+    assert fmt.unit_for(root, unit / "merged" / "config.json") == unit
+    assert isinstance(fmt, AutoFormat)
+    owner = fmt.owner(unit)
+    assert owner is not None and owner.name == "hf-trainer"
+    verdict = fmt.check(unit)
+    assert verdict.ready, verdict.reason
+    assert {"merged/config.json", "merged/model.safetensors.index.json"} <= names(verdict)
+    (unit / "merged" / "model-00002-of-00008.safetensors").unlink()
+    verdict = fmt.check(unit)
+    assert not verdict.ready and verdict.reason.startswith("hf-trainer: merged/: ")
+    assert "model-00002-of-00008.safetensors" in verdict.reason
+
+
+def test_hf_pretrained_never_claims_a_trainer_checkpoint(tmp_path: Path) -> None:
+    """`format: hf-pretrained` leaves `checkpoint-N/` (and anything holding trainer_state.json)
+    alone: published before trainer_state.json, a Trainer checkpoint would be incomplete."""
+    root = tmp_path / "root"
+    fmt = fmt_of(root, "hf-pretrained")
+    spec("hf-trainer").run(root, STEP)
+    renamed = root / "run-a"
+    shutil.copytree(spec("hf-trainer").unit_path(root, STEP), renamed)
+    assert list(fmt.scan(root)) == []
+    assert fmt.unit_for(root, renamed / "config.json") is None
+
+
+@pytest.mark.parametrize("layout", _PRETRAINED)
+def test_garbage_in_save_pretrained_files_never_raises(
+    layout: str, real_layouts: Path, tmp_path: Path
+) -> None:
+    """Whatever bytes a save_pretrained() directory's files hold (JSON that does not parse,
+    an index without a weight_map or naming `../x`, a torn safetensors header), checking it
+    returns a verdict instead of raising; a file that cannot be what its name says keeps
+    the directory unfinished, named in the reason."""
+    fmt, unit = pretrained(real_layouts, tmp_path, layout)
+    for path in sorted(unit.iterdir()):
+        original = path.read_bytes()
+        for garbage in _GARBAGE:
+            path.write_bytes(garbage)
+            verdict = fmt.check(unit)
+            fmt.info(unit)
+            unusable = path.suffix == ".safetensors" or (
+                path.suffix == ".json" and (not _parses(garbage) or "index" in path.name)
+            )
+            if unusable:
+                assert not verdict.ready and path.name in verdict.reason, (path.name, garbage)
+        path.write_bytes(original)
+    assert fmt.check(unit).ready
+
+
+def test_save_pretrained_step_comes_from_the_name(real_layouts: Path, tmp_path: Path) -> None:
+    """A save_pretrained() directory has no trainer state: its name gives the step, if any."""
+    fmt, unit = pretrained(real_layouts, tmp_path, "plain")
+    assert fmt.info(unit).step is None
+    stepped = unit.rename(unit.parent / "model-step-700")
+    assert fmt.info(stepped).step == 700 and fmt.check(stepped).ready
 
 
 # -- Lightning ------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """`format: auto`: recognise each checkpoint by its layout and hand it to its format.
 
 Directory layouts are tried first, most specific first (a Megatron `iter_*/` holds DCP files,
-so Megatron must claim it before DCP does), then TensorFlow's root-level prefixes, then
-single files. The owner of a unit is decided again at every check, because a directory's
-layout becomes recognisable only as its files land.
+so Megatron must claim it before DCP does; a Trainer's `checkpoint-N/` holds what
+`save_pretrained()` writes, so hf-trainer claims it before hf-pretrained does), then
+TensorFlow's root-level prefixes, then single files. The owner of a unit is decided again at
+every check, because a directory's layout becomes recognisable only as its files land.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ckptd.config import WatchConfig
 from ckptd.formats import CheckpointFormat, FileFormat, Verdict, step_from_name
 from ckptd.formats.dcp import DcpFormat
 from ckptd.formats.deepspeed import DeepSpeedFormat
-from ckptd.formats.hf import HfTrainerFormat
+from ckptd.formats.hf import HfPretrainedFormat, HfTrainerFormat
 from ckptd.formats.keras import KerasFormat
 from ckptd.formats.layout import DirectoryFormat
 from ckptd.formats.lightning import LightningFormat
@@ -31,6 +32,7 @@ __all__ = ["FORMATS", "AutoFormat", "build"]
 FORMATS: dict[str, type[CheckpointFormat]] = {
     "file": FileFormat,
     "hf-trainer": HfTrainerFormat,
+    "hf-pretrained": HfPretrainedFormat,
     "lightning": LightningFormat,
     "deepspeed": DeepSpeedFormat,
     "torch-dcp": DcpFormat,
@@ -44,7 +46,7 @@ FORMATS: dict[str, type[CheckpointFormat]] = {
 
 _ORDER = (
     "nemo", "hf-trainer", "deepspeed", "megatron", "lightning", "torch-dcp", "orbax",
-    "tensorflow", "keras", "file",
+    "hf-pretrained", "tensorflow", "keras", "file",
 )  # fmt: skip
 
 

@@ -61,7 +61,7 @@ def check_zip(path: Path) -> str | None:
         f.seek(size - tail_len)
         tail = f.read(tail_len)
     index = tail.rfind(_EOCD)
-    if index < 0:
+    if index < 0 or index + _EOCD_MIN > len(tail):  # none, or cut inside the record
         return "zip end-of-central-directory record not written yet"
     (comment_len,) = struct.unpack_from("<H", tail, index + 20)
     if index + _EOCD_MIN + comment_len != len(tail):
