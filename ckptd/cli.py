@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from ckptd import __version__
-from ckptd.config import DEFAULT_CONFIG_PATH, Config, load_config
+from ckptd.config import DEFAULT_CONFIG_PATH, Config, load_config, mask_secrets
 from ckptd.errors import CkptdError, ConfigError
 from ckptd.journal import Journal
 
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             return _restore(config, args)
         return _run(config, once=args.once, until_file=args.until_file)
     except CkptdError as exc:
-        print(f"ckptd: {exc}", file=sys.stderr)
+        # A path such as api_key_file: "${WANDB_API_KEY}" puts a secret into messages.
+        (message,) = mask_secrets([str(exc)], os.environ)
+        print(f"ckptd: {message}", file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -272,6 +274,11 @@ def _restore_parser(p: argparse.ArgumentParser) -> None:
         "--if-missing", action="store_true", help="do nothing when DIR already has a checkpoint"
     )
     p.add_argument(
+        "--allow-reference-root", action="append", default=[], type=Path, metavar="DIR",
+        help="follow file:// references under DIR (repeatable); by default a version that "
+        "references files instead of holding them is refused",
+    )  # fmt: skip
+    p.add_argument(
         "--config", "-c", type=Path, default=None,
         help="config file for project, entity, base_url and api_key_file",
     )  # fmt: skip
@@ -318,6 +325,9 @@ def _restore(config: Config, args: argparse.Namespace) -> int:
         project=args.project, entity=args.entity, api_key=api_key,
     )  # fmt: skip
     refs = [args.version] if args.version else args.alias or ["latest"]
-    result = restore(args.artifact, args.to, target, refs=refs, if_missing=args.if_missing)
+    result = restore(
+        args.artifact, args.to, target, refs=refs, if_missing=args.if_missing,
+        reference_roots=args.allow_reference_root,
+    )  # fmt: skip
     print(result.message)
     return EXIT_OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -38,8 +39,10 @@ __all__ = [
     "Size",
     "WatchConfig",
     "load_config",
+    "mask_secrets",
     "parse_duration",
     "parse_size",
+    "secret_values",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.example.yaml")
@@ -63,6 +66,9 @@ _SIZE_UNITS = {
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ALIAS = re.compile(r"^[^/:]{1,128}$")
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+_SECRET_MIN = 6  # shorter values would mask ordinary words and numbers everywhere
+MAX_YAML_NODES = 100_000  # nodes of the config with every alias expanded
 
 
 def parse_duration(value: object) -> float:
@@ -188,6 +194,7 @@ class SidecarConfig(_Model):
     # auto: wait only where a sidecar is expected (the entry has had one before, or neither
     # the name nor the framework gives the step); always: wait for every checkpoint; never.
     expect: Literal["auto", "always", "never"] = "auto"
+    flat_metadata: bool = False  # flat form: keep non-numeric keys as metadata
 
 
 class BestRule(_Model):
@@ -312,6 +319,14 @@ class WatchConfig(_Model):
 
 class MetricsConfig(_Model):
     listen: str | None = "127.0.0.1:9480"
+    stall_after: Duration = 300.0  # /healthz fails when a coordinator step takes longer
+
+    @field_validator("stall_after")
+    @classmethod
+    def _positive_stall(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError(f"must be more than 0s, got {seconds:g}s")
+        return seconds
 
     @field_validator("listen")
     @classmethod
@@ -393,28 +408,85 @@ def load_config(path: Path | str | None, env: dict[str, str] | None = None) -> C
     """Read, interpolate and validate a config file; raise ConfigError naming every problem.
 
     `path=None` loads the embedded default (offline mode, watching ./checkpoints) with
-    relative paths resolved against the current directory.
+    relative paths resolved against the current directory. No message carries the value of
+    a secret environment variable (see `mask_secrets`).
     """
     source = DEFAULT_CONFIG_PATH if path is None else Path(path)
     base_dir = Path.cwd() if path is None else Path(os.path.abspath(source)).parent  # noqa: PTH100 - resolve() would follow a symlinked config
+    environ = os.environ if env is None else env
     try:
         text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(source), [f"cannot read the file: {exc.strerror or exc}"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(source), [f"not valid YAML: {exc}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(str(source), ["expected a mapping of keys at the top level"])
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        raise ConfigError(str(source), [f"cannot read the file: {reason or exc}"]) from None
+    raw = _parse_yaml(text, str(source))
     problems: list[str] = []
-    raw = _interpolate(raw, os.environ if env is None else env, "", problems)
+    raw = _interpolate(raw, environ, "", problems)
     if problems:
-        raise ConfigError(str(source), problems)
+        raise ConfigError(str(source), mask_secrets(problems, environ))
     try:
         return Config.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(str(source), _describe(exc, raw)) from None
+        raise ConfigError(str(source), mask_secrets(_describe(exc, raw), environ)) from None
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """The YAML document as a mapping; refuses one whose aliases expand past MAX_YAML_NODES
+    (a few hundred bytes of nested aliases can stand for billions of nodes)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(
+                source,
+                [f"the YAML expands to more than {MAX_YAML_NODES} nodes (nested aliases?)"],
+            )
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["the YAML nests too deeply"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["expected a mapping of keys at the top level"])
+    return raw
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes `node` stands for with aliases expanded (each shared node is counted
+    once per use, computed once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a recursive alias counts once rather than forever
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(
+            _expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value
+        )
+    sizes[id(node)] = total
+    return total
+
+
+def secret_values(env: Mapping[str, str]) -> dict[str, str]:
+    """Values of environment variables whose names say they hold a secret (KEY, TOKEN,
+    SECRET, PASSWORD), longest first, each with the `${NAME}` to show instead."""
+    found = {
+        value: f"${{{name}}}"
+        for name, value in env.items()
+        if _SECRET_NAME.search(name) and len(value) >= _SECRET_MIN
+    }
+    return dict(sorted(found.items(), key=lambda item: -len(item[0])))
+
+
+def mask_secrets(lines: list[str], env: Mapping[str, str]) -> list[str]:
+    """`lines` with every secret environment value replaced by its `${NAME}`."""
+    secrets = secret_values(env)
+    out = []
+    for line in lines:
+        for value, shown in secrets.items():
+            line = line.replace(value, shown)
+        out.append(line)
+    return out
 
 
 def _interpolate(node: Any, env: Any, where: str, problems: list[str]) -> Any:

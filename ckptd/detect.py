@@ -34,6 +34,7 @@ from ckptd.errors import CheckpointChanged, SidecarError
 from ckptd.formats import CheckpointFormat, Verdict, format_for, is_temp_name
 from ckptd.formats.checks import UNREADABLE
 from ckptd.holds import Hold, Holder
+from ckptd.inputs import name_problem, printable
 from ckptd.writers import open_for_writing
 
 __all__ = ["Detector", "ReadyCheckpoint"]
@@ -225,7 +226,12 @@ class Detector:
             del due[_PER_POLL:]
         ready = []
         for unit, pending in due:
-            result = self._evaluate(unit, pending, now)
+            try:
+                result = self._evaluate(unit, pending, now)
+            except Exception as exc:  # one bad candidate must never stop the others
+                log.debug("evaluating %s failed", printable(unit), exc_info=True)
+                self.drop(unit, "crashed", f"{type(exc).__name__}: {exc}")
+                continue
             if result is not None:
                 ready.append(result)
         return ready
@@ -252,6 +258,9 @@ class Detector:
     def _evaluate(self, unit: Path, pending: _Candidate, now: float) -> ReadyCheckpoint | None:
         pending.hinted = False
         pending.recheck_at = now + self._interval(pending)
+        if (bad_name := name_problem(unit, self.root)) is not None:
+            self.drop(unit, "refused", bad_name)
+            return None
         if unit.is_symlink():
             self._skip_symlink(unit)
             self.forget(unit)
@@ -269,6 +278,9 @@ class Detector:
         except OSError as exc:
             pending.reason = f"cannot read: {exc.strerror or exc}"
             self._warn_once(f"read:{unit}", "cannot read checkpoint %s: %s; will retry", unit, exc)
+            return None
+        if verdict.refused:
+            self.drop(unit, "refused", verdict.refused)
             return None
         observed = _listing(unit) if verdict.unrecognised else verdict.files
         if self._observe(pending, observed + verdict.signals, now):
@@ -461,7 +473,7 @@ class Detector:
     ) -> CheckpointInfo | None:
         """Merge the name's, the framework's and the sidecar's information; None to wait."""
         try:
-            found = sidecar.read(unit)
+            found = sidecar.read(unit, self.root, flat_metadata=self.watch.sidecar.flat_metadata)
         except SidecarError as exc:
             self._warn_once(f"sidecar:{unit}:{exc}", "%s; publishing without its metrics", exc)
             return base

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.inputs import printable
 from ckptd.journal import Journal
 from ckptd.metrics import Metrics
 
@@ -71,12 +72,12 @@ class DropLog:
             self._warned.add(key)
         if not first:
             return
-        detail = f": {drop.detail}" if drop.detail else ""
-        log.warning(
-            "not publishing %s (%s, %s)%s", drop.path, drop.reason, REASONS[drop.reason], detail
-        )
+        # A hostile name (undecodable bytes) is shown escaped: the log and journal need text.
+        path, details = printable(drop.path), printable(drop.detail)
+        detail = f": {details}" if details else ""
+        log.warning("not publishing %s (%s, %s)%s", path, drop.reason, REASONS[drop.reason], detail)
         self.metrics.dropped.labels(collection=drop.collection, reason=drop.reason).inc()
-        self.journal.record_drop(drop.collection, str(drop.path), drop.reason, drop.detail, now)
+        self.journal.record_drop(drop.collection, path, drop.reason, details, now)
 
     def clear(self, collection: str, path: Path) -> None:
         """`path` is queued after all: forget its drops, and warn again if it drops again."""

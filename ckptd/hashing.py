@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ckptd import snapshot
 from ckptd.checkpoint import content_digest
+from ckptd.drops import Drop, DropLog
+from ckptd.errors import JournalError
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
 from ckptd.priority import ReadRate
@@ -57,9 +59,15 @@ class Hasher:
     Only the coordinator thread calls it; `wake` is set whenever a file is done."""
 
     def __init__(
-        self, journal: Journal, wake: threading.Event, threads: int, rate: ReadRate | None = None
+        self,
+        journal: Journal,
+        wake: threading.Event,
+        threads: int,
+        rate: ReadRate | None = None,
+        drops: DropLog | None = None,
     ) -> None:
         self.journal = journal
+        self.drops = drops
         self._wake = wake
         self._threads = threads
         self._rate = rate
@@ -90,7 +98,20 @@ class Hasher:
             if not all(f.done() for f in job.futures.values()):
                 continue
             del self._jobs[row_id]
-            self._record(job, now)
+            try:
+                self._record(job, now)
+            except JournalError:
+                raise
+            except Exception as exc:  # one row's surprise must not stop the others
+                self._crashed(job.row, exc, now)
+
+    def _crashed(self, row: Row, exc: Exception, now: float) -> None:
+        """Quarantine `row`: failed with the reason, and a drop naming it."""
+        detail = f"{type(exc).__name__}: {exc}"
+        log.debug("recording the hashes of %s failed", row.source, exc_info=True)
+        self.journal.transition(row.id, "failed", now, last_error=f"crashed: {detail}")
+        if self.drops is not None:
+            self.drops.record(Drop(row.collection, row.source, "crashed", detail), now)
 
     def _record(self, job: _Job, now: float) -> None:
         row = job.row

@@ -16,6 +16,7 @@ found at start-up belongs to a dead process and is taken back.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -42,7 +43,10 @@ from ckptd.rows import (
     encode,
 )  # fmt: skip
 
-__all__ = ["END_STATES", "STATES", "Deletion", "Dropped", "Journal", "Row"]
+__all__ = ["END_STATES", "MAX_STEP", "STATES", "Deletion", "Dropped", "Journal", "Row"]
+
+
+MAX_STEP = 2**63 - 1  # SQLite's INTEGER; sidecar and name parsing keep steps within it
 
 
 def _boot_id() -> str:
@@ -72,6 +76,11 @@ class Journal:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             if exclusive:
                 self._take_lock()
+                if not self.path.exists():
+                    # Created 0600 before SQLite opens it, and never opened again: closing
+                    # any descriptor of the file would drop SQLite's POSIX locks on it.
+                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                self._restrict()
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout = 5000")
@@ -91,8 +100,21 @@ class Journal:
             ) from None
         self._db = db
         if exclusive:
+            self._restrict()  # the -wal and -shm files exist now
             self.release_stale_leases()
         return self
+
+    def _restrict(self) -> None:
+        """The state directory 0700 and the journal's files 0600, whatever the umask: they
+        name every checkpoint, its metrics and the project (never the key, which they do not
+        hold). SQLite gives -wal and -shm the database file's mode. chmod only: no open."""
+        modes = {self.state_dir: 0o700, self.path: 0o600}
+        modes.update({Path(f"{self.path}{end}"): 0o600 for end in ("-wal", "-shm")})
+        for path, mode in modes.items():
+            # Missing (-wal before the first write) or not ours (a shared directory an
+            # administrator set up): leave it as it is.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                path.chmod(mode)
 
     @property
     def is_open(self) -> bool:
@@ -177,7 +199,8 @@ class Journal:
                 (highest,) = db.execute(
                     "SELECT MAX(step) FROM checkpoints WHERE collection = ?", (collection,)
                 ).fetchone()
-                step = 0 if highest is None else highest + 1
+                # The highest step the journal holds stays the highest (it cannot grow).
+                step = 0 if highest is None else min(highest + 1, MAX_STEP)
             cursor = db.execute(
                 "INSERT OR IGNORE INTO checkpoints (collection, watch_path, relpath, "
                 "fingerprint, format, step, state, files, info, snapshot, detected_at, "

@@ -1,9 +1,12 @@
 """Prometheus metrics and the health endpoints, served on `metrics.listen`.
 
 `/metrics` is the Prometheus text format; `/healthz` answers 200 while the process and its
-watcher threads live; `/readyz` answers 200 once the journal is open and the configuration
-loaded (and, online, W&B answered). Each Service owns its own registry, so tests and several
-services in one process never share counters.
+watcher threads live and the coordinator keeps stepping (503 naming the stall once one step
+takes longer than `metrics.stall_after`); the server holds at most MAX_CONNECTIONS
+connections, each cut off after READ_TIMEOUT seconds of silence; `/readyz` answers 200
+once the journal is open and the configuration loaded (and, online, W&B answered). Each
+Service owns its own registry, so tests and several services in one process never share
+counters.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -114,6 +118,46 @@ class Reachability:
             return f"W&B unreachable at {self.base_url}: {reason}"
 
 
+MAX_CONNECTIONS = 32  # concurrent connections to the metrics server; more are closed at once
+READ_TIMEOUT = 5.0  # seconds a connection may stay silent
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, up to `limit` at once: beyond that a connection is closed
+    as soon as it is accepted, so that half-open connections cannot pile up threads."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limit: int
+    ) -> None:
+        self._limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        super().__init__(address, handler)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now."""
+        return self._limit - self._slots._value
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics endpoint: %d connections open; closing one more", self._limit)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HealthServer:
     """A small HTTP server for /metrics, /healthz and /readyz on its own thread."""
 
@@ -121,14 +165,19 @@ class HealthServer:
         self,
         address: tuple[str, int],
         metrics: Metrics,
-        healthy: Callable[[], bool],
+        unhealthy: Callable[[], str | None],
         ready: Callable[[], str | None],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self.address = address
         self.metrics = metrics
-        self.healthy = healthy
+        self.unhealthy = unhealthy  # None when healthy, else why not
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
         self.ready = ready  # None when ready, else why not
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -136,17 +185,24 @@ class HealthServer:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (at most `max_connections`)."""
+        return self._server.open_connections if self._server is not None else 0
+
     def start(self) -> None:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = owner.read_timeout  # a client that sends nothing is cut off
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._answer(200, owner.metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    ok = owner.healthy()
-                    self._answer(200 if ok else 503, b"ok\n" if ok else b"watcher stopped\n")
+                    why = owner.unhealthy()
+                    self._answer(503 if why else 200, f"{why or 'ok'}\n".encode())
                 elif path == "/readyz":
                     why = owner.ready()
                     self._answer(503 if why else 200, f"{why or 'ready'}\n".encode())
@@ -164,7 +220,7 @@ class HealthServer:
                 log.debug("metrics endpoint: " + format, *args)
 
         try:
-            self._server = ThreadingHTTPServer(self.address, Handler)
+            server = _BoundedServer(self.address, Handler, self.max_connections)
         except OSError as exc:
             from ckptd.errors import CkptdError
 
@@ -172,9 +228,9 @@ class HealthServer:
             raise CkptdError(
                 f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from None
-        self._server.daemon_threads = True
+        self._server = server
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="ckptd-metrics", daemon=True
+            target=server.serve_forever, name="ckptd-metrics", daemon=True
         )
         self._thread.start()
         log.info("metrics and health on http://%s:%d/metrics", self.address[0], self.port)

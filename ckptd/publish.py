@@ -9,6 +9,7 @@ by publishing again, which the sink deduplicates by content.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -28,7 +29,7 @@ from ckptd.retention_exec import Retention
 from ckptd.retry import RetryPolicy
 from ckptd.sinks import PublishRequest, Sink, SinkFile
 
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "invalid"]
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +82,17 @@ class Publisher:
         if twin is not None:
             self._supersede(row, f"same content as {twin.version or f'checkpoint #{twin.id}'}")
             return
-        plan = self._plan(row, watch)
+        try:
+            plan, request = self._prepare(row, watch, snap)
+        except Exception as exc:  # planning one row must never block its collection
+            log.debug("planning %s failed", row.source, exc_info=True)
+            self._quarantine(row, "crashed", f"{type(exc).__name__}: {exc}")
+            return
+        if (problem := invalid(request)) is not None:
+            self._quarantine(row, "invalid", problem)
+            return
         for note in plan.notes:
             log.warning("%s: %s", row.source, note)
-        request = PublishRequest(
-            collection=row.collection,
-            type=watch.type,
-            files=tuple(
-                SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
-            ),
-            aliases=plan.aliases,
-            metadata=self._metadata(row),
-            description=row.info.description or self._description(row, watch),
-            run_path=row.info.run_path or watch.run_path,
-            ttl=watch.retention.remote.ttl,
-        )
         try:
             result = self.sink.publish(request)
         except PublishError as exc:
@@ -136,6 +133,40 @@ class Publisher:
             self.retention.after_publish(row.collection, self.clock())
 
     # -- steps -------------------------------------------------------------------------
+
+    def _prepare(
+        self, row: Row, watch: WatchConfig, snap: Path
+    ) -> tuple[AliasPlan, PublishRequest]:
+        """The alias plan and the request that publishes `row`."""
+        plan = self._plan(row, watch)
+        request = PublishRequest(
+            collection=row.collection,
+            type=watch.type,
+            files=tuple(
+                SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
+            ),
+            aliases=plan.aliases,
+            metadata=self._metadata(row),
+            description=row.info.description or self._description(row, watch),
+            run_path=row.info.run_path or watch.run_path,
+            ttl=watch.retention.remote.ttl,
+        )
+        return plan, request
+
+    def _quarantine(self, row: Row, reason: str, detail: str) -> None:
+        """A permanent problem of this checkpoint alone: `failed` with the reason, a drop,
+        and the collection moves on to its next checkpoint (retrying cannot help)."""
+        now = self.clock()
+        self.journal.transition(
+            row.id, "failed", now, last_error=f"{reason}: {detail}", lease_owner=None
+        )
+        self.metrics.failed.labels(collection=row.collection).inc()
+        if row.snapshot:
+            snapshot.remove(Path(row.snapshot))
+        if self.drops is not None:
+            self.drops.record(Drop(row.collection, row.source, reason, detail), now)
+        else:
+            log.warning("not publishing %s (%s): %s", row.source, reason, detail)
 
     def _plan(self, row: Row, watch: WatchConfig) -> AliasPlan:
         published = self.journal.rows(row.collection, _PUBLISHED)
@@ -282,3 +313,18 @@ class Publisher:
             return watch.description.format_map(values)
         except (KeyError, ValueError, IndexError):
             return watch.description
+
+
+def invalid(request: PublishRequest) -> str | None:
+    """Why `request` carries values W&B cannot take (NaN or infinite numbers, objects that
+    are not JSON, text that is not Unicode), else None. Such a checkpoint fails at once:
+    sent, it would fail as if transiently and block its collection until give_up_after."""
+    try:
+        json.dumps(request.metadata, allow_nan=False)
+        for text in (request.description or "", request.run_path or "", *request.aliases):
+            text.encode("utf-8")
+        for f in request.files:
+            f.name.encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        return f"its metadata cannot be published: {type(exc).__name__}: {exc}"
+    return None

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,7 +34,15 @@ from ckptd.config import Config
 from ckptd.errors import CkptdError
 from ckptd.hashing import md5_b64
 
-__all__ = ["RestoreError", "Restored", "Target", "has_checkpoint", "restore", "version_ref"]
+__all__ = [
+    "RestoreError",
+    "Restored",
+    "Target",
+    "has_checkpoint",
+    "refuse_references",
+    "restore",
+    "version_ref",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +135,13 @@ def restore(
     *,
     refs: Iterable[str] = ("latest",),
     if_missing: bool = False,
+    reference_roots: Iterable[Path] = (),
 ) -> Restored:
-    """Download the first of `refs` (aliases or `vN`) that exists into `dest`."""
+    """Download the first of `refs` (aliases or `vN`) that exists into `dest`.
+
+    A version whose manifest references files elsewhere is refused unless each reference
+    is an http(s) URL or a `file://` path under one of `reference_roots`: a reference is
+    followed by the SDK, so a hostile version could copy any local file into `dest`."""
     refs = tuple(refs) or ("latest",)
     if if_missing and has_checkpoint(dest):
         return Restored("skipped", f"{dest} already holds a checkpoint; nothing restored")
@@ -143,7 +157,9 @@ def restore(
         except _NotFound:
             log.info("%s:%s does not exist", where, ref)
             continue
-        files = _download(found, f"{where}:{found.version}", dest, key)
+        label = f"{where}:{found.version}"
+        refuse_references(found.manifest.entries, label, tuple(reference_roots))
+        files = _download(found, label, dest, key)
         return Restored(
             "restored",
             f"restored {where}:{found.version} ({ref}) into {dest}: {len(files)} file(s)",
@@ -244,6 +260,32 @@ def _download(artifact: Any, label: str, dest: Path, api_key: str | None) -> tup
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return tuple(names)
+
+
+def refuse_references(entries: Mapping[str, Any], label: str, roots: tuple[Path, ...]) -> None:
+    """Raise RestoreError unless every reference entry points where the user allows: an
+    http(s) URL, or a `file://` path that resolves under one of `roots`."""
+    real_roots = [Path(os.path.realpath(root)) for root in roots]
+    for name, entry in sorted(entries.items()):
+        ref = getattr(entry, "ref", None)
+        if ref is None:
+            continue
+        url = urllib.parse.urlparse(str(ref))
+        if url.scheme in ("http", "https"):
+            continue
+        if url.scheme == "file":
+            target = Path(os.path.realpath(urllib.parse.unquote(url.path)))
+            if any(target.is_relative_to(root) for root in real_roots):
+                continue
+            allowed = ", ".join(map(str, roots)) or "none"
+            raise RestoreError(
+                f"{label}: refusing {name!r}: it references {ref}, outside the directories "
+                f"allowed by --allow-reference-root ({allowed})"
+            )
+        raise RestoreError(
+            f"{label}: refusing {name!r}: it references {ref}; only http(s) references and "
+            "file:// under --allow-reference-root are followed"
+        )
 
 
 def _verify(path: Path, entry: Any, label: str) -> None:

@@ -18,15 +18,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ckptd import snapshot
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
-from ckptd.drops import DropLog
+from ckptd.drops import Drop, DropLog
 from ckptd.errors import JournalError
 from ckptd.hashing import Hasher
+from ckptd.inputs import printable
 from ckptd.journal import Journal, Row
 from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
@@ -83,13 +85,14 @@ class Service:
         # Owned by the coordinator thread only:
         rate = config.upload.max_read_rate
         read_rate = ReadRate(rate.bytes) if rate is not None and rate.bytes else None
-        self._hasher = Hasher(self.journal, self.wake, threads, read_rate)
+        self._hasher = Hasher(self.journal, self.wake, threads, read_rate, self.drops)
         self._publishers: ThreadPoolExecutor | None = None
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
         self._stopping = False
         self._last_journal_problem: str | None = None
         self._stager = Stager(self.staging, self.wake)
+        self._step_started_at = time.monotonic()  # written by the coordinator, read by /healthz
 
     @property
     def staging(self) -> Path:
@@ -122,7 +125,7 @@ class Service:
         self.watcher.start()
         address = self.config.metrics.address
         if address is not None:
-            self.health = HealthServer(address, self.metrics, self.watcher.alive, self.not_ready)
+            self.health = HealthServer(address, self.metrics, self.unhealthy, self.not_ready)
             self.health.start()
         log.info(
             "ckptd started: %d watch entr%s, state in %s, W&B %s mode",
@@ -220,20 +223,24 @@ class Service:
     # -- the single step ---------------------------------------------------------------------
 
     def run_once(self, now: float) -> float:
-        """One coordinator iteration; returns when the next one is due."""
+        """One coordinator iteration; returns when the next one is due.
+
+        Whatever goes wrong with one candidate stays with it (a drop naming it); only a
+        journal that cannot be written leaves the step (JournalError)."""
+        self._step_started_at = time.monotonic()
         self._take_hints(now)
         for index, detector in enumerate(self.detectors):
             if now >= self._next_rescan[index]:
-                detector.scan(now)
+                self._scan(detector, now)
                 self._next_rescan[index] = now + detector.watch.rescan
             for ready in detector.poll(now):
-                self._accept(detector, ready, now)
+                self._guarded(detector, ready, now, partial(self._accept, detector, ready, now))
             for drop in detector.take_drops():
                 self.drops.record(drop, now)
         finished = self._stager.collect()
         for index, taken in enumerate(finished):
             try:
-                self._record(taken, now)
+                self._guarded(taken.detector, taken.ready, now, partial(self._record, taken, now))
             except JournalError:
                 for rest in finished[index + 1 :]:  # offered again once the journal works
                     snapshot.remove(rest.dest)
@@ -259,9 +266,39 @@ class Service:
                 log.warning("filesystem events were lost; rescanning every watched directory")
                 self._next_rescan = [now for _ in self._next_rescan]
                 continue
-            self.detectors[hint.watch_index].hint(
-                hint.path, now, moved_in=hint.moved_in, written=hint.written, closed=hint.closed
-            )
+            detector = self.detectors[hint.watch_index]
+            try:
+                detector.hint(
+                    hint.path, now, moved_in=hint.moved_in, written=hint.written, closed=hint.closed
+                )
+            except Exception as exc:  # a hostile name must not stop the hints behind it
+                log.debug("hint %s failed", printable(hint.path), exc_info=True)
+                detector.drop(hint.path, "crashed", f"{type(exc).__name__}: {exc}")
+
+    def _scan(self, detector: Detector, now: float) -> None:
+        try:
+            detector.scan(now)
+        except Exception as exc:  # an unreadable root; the next rescan tries again
+            log.warning("cannot scan %s: %s", detector.root, printable(exc))
+
+    def _guarded(
+        self,
+        detector: Detector,
+        ready: ReadyCheckpoint,
+        now: float,
+        step: Callable[[], None],
+    ) -> None:
+        """Run one candidate's step; an unexpected failure drops that candidate alone (and
+        the detector ignores it until its files change) instead of leaving the coordinator."""
+        try:
+            step()
+        except JournalError:
+            raise
+        except Exception as exc:
+            log.debug("queueing %s failed", printable(ready.unit), exc_info=True)
+            detector.mark_done(ready)
+            drop = Drop(ready.watch.artifact, ready.unit, "crashed", f"{type(exc).__name__}: {exc}")
+            self.drops.record(drop, now)
 
     def _accept(self, detector: Detector, ready: ReadyCheckpoint, now: float) -> None:
         """Snapshot a finished checkpoint and journal it, unless the journal knows it (a
@@ -290,6 +327,9 @@ class Service:
         except JournalError:
             if ready.hold is None:  # a hold stays the detector's, offered again later
                 snapshot.remove(taken.dest)
+            raise
+        except Exception:  # never offered again (see _guarded): no row points at it
+            snapshot.remove(taken.dest)
             raise
         taken.detector.mark_done(ready)
         self.drops.clear(watch.artifact, ready.unit)
@@ -380,6 +420,21 @@ class Service:
             return False
         pending = any(d.pending() for d in self.detectors)
         return not pending or now >= patience_deadline
+
+    def unhealthy(self) -> str | None:
+        """None while the daemon works, else why not (for /healthz): the watcher stopped, or
+        the coordinator has been in one step for longer than `metrics.stall_after` (a hang
+        that only a restart ends)."""
+        if not self.watcher.alive():
+            return "watcher stopped"
+        stalled = time.monotonic() - self._step_started_at
+        limit = self.config.metrics.stall_after
+        if stalled > limit:
+            return (
+                f"coordinator stalled: no step completed for {stalled:.0f}s "
+                f"(metrics.stall_after is {limit:g}s)"
+            )
+        return None
 
     def not_ready(self) -> str | None:
         """None when the daemon can do its work, else why not (for /readyz)."""

@@ -96,6 +96,9 @@ class Stager:
                 files = job.future.result()
             except (OSError, CheckpointChanged) as exc:
                 self._failed(job.detector, unit, exc)
+            except Exception as exc:  # this checkpoint alone; the others are collected
+                snapshot.remove(job.dest)
+                job.detector.drop(unit, "crashed", f"{type(exc).__name__}: {exc}")
             else:
                 self._failures.pop(unit, None)
                 taken.append(Taken(job.detector, job.ready, job.dest, files))

@@ -11,6 +11,7 @@ The detector adds what no format knows: the settle window, rename hints and snap
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from pathlib import Path
 from ckptd.checkpoint import CheckpointInfo, FileState, stat_files
 from ckptd.config import WatchConfig
 from ckptd.formats.checks import check_file
+from ckptd.inputs import regular_problem
 
 __all__ = [
     "CheckpointFormat",
@@ -43,6 +45,7 @@ _SIDECAR_SUFFIX = ".metrics.json"
 _LIGHTNING_FIELD = re.compile(r"(?:^|[-_])([A-Za-z_][\w./]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 _STEP_WORD = re.compile(r"(?:step|iter|global_step|checkpoint|ckpt)[-_=]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
+_MAX_STEP = 2**63 - 1
 
 
 def is_temp_name(name: str) -> bool:
@@ -61,18 +64,32 @@ def step_from_name(name: str) -> CheckpointInfo:
         step = fields.pop("step", None)
         epoch = fields.pop("epoch", None)
         return CheckpointInfo(
-            step=int(float(step)) if step is not None else None,
-            epoch=int(float(epoch)) if epoch is not None else None,
-            metrics={key: float(value) for key, value in fields.items()},
+            step=_whole(step),
+            epoch=_whole(epoch),
+            metrics={k: float(v) for k, v in fields.items() if math.isfinite(float(v))},
             source="name",
         )
     match = _STEP_WORD.search(stem)
     if match:
-        return CheckpointInfo(step=int(match[1]), source="name")
+        return CheckpointInfo(step=_whole(match[1]), source="name")
     numbers = _NUMBER.findall(stem)
     if numbers:
-        return CheckpointInfo(step=int(numbers[-1]), source="name")
+        return CheckpointInfo(step=_whole(numbers[-1]), source="name")
     return CheckpointInfo()
+
+
+def _whole(text: str | None) -> int | None:
+    """A number from a name as a step the journal can hold (0..2**63-1), else None."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:  # Lightning's `step=1.2e3`
+        number = float(text)
+        if not math.isfinite(number):
+            return None
+        value = int(number)
+    return value if 0 <= value <= _MAX_STEP else None
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,8 @@ class Verdict:
     layout (the detector reports it once it stays so). `conclusive`: `ready` proves every
     file is written once each is closed after its last write (inotify's evidence may then
     end the settle window early); False where the rule can pass while files still land.
+    `refused`: why the unit will never be published (not a regular file, a symlink leaving
+    the root), naming the file.
     """
 
     ready: bool
@@ -97,6 +116,7 @@ class Verdict:
     signals: tuple[FileState, ...] = ()
     unrecognised: bool = False
     conclusive: bool = True
+    refused: str | None = None
 
 
 class CheckpointFormat(ABC):
@@ -162,6 +182,9 @@ class FileFormat(CheckpointFormat):
     def check(self, unit: Path) -> Verdict:
         if unit.is_dir():
             return Verdict(False, "a directory, not a checkpoint file")
+        refused = regular_problem(unit)  # a FIFO named ckpt.pt would block the reader
+        if refused is not None:
+            return Verdict(False, refused, refused=refused)
         files = stat_files(unit)
         problem = check_file(unit)
         if problem is not None:

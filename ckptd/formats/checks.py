@@ -1,7 +1,8 @@
 """Cheap structural checks that tell a finished file from a torn one.
 
 Each check reads a few bytes from the ends of the file, never the whole file. A check
-returns None when the file looks complete and a short reason when it does not.
+returns None when the file looks complete and a short reason when it does not. Files are
+opened with `open_regular`: a FIFO swapped in for a checkpoint file is refused, not waited on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import struct
 import zipfile
 from collections.abc import Callable, Collection
 from pathlib import Path
+
+from ckptd.inputs import open_regular
 
 __all__ = [
     "check_file",
@@ -43,7 +46,7 @@ _MEMO_OPS = {"BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"}
 
 def check_zip(path: Path) -> str | None:
     """A zip (torch.save, Lightning, Keras) is finished when its end record closes the file."""
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         head = f.read(4)
         if not head:
             return "empty file"
@@ -72,7 +75,7 @@ def check_safetensors(path: Path) -> str | None:
     safetensors 0.8 pre-sizes the file, so size alone proves nothing; the settle window
     covers that case, this check covers the torn ones.
     """
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         raw_len = f.read(8)
         if len(raw_len) < 8:
             return "safetensors header length not written yet"
@@ -105,7 +108,8 @@ def check_safetensors(path: Path) -> str | None:
 def check_json(path: Path) -> str | None:
     """A JSON file is finished when it parses."""
     try:
-        json.loads(path.read_bytes())
+        with open_regular(path) as f:
+            json.loads(f.read())
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
         return "JSON does not parse yet"
     return None
@@ -121,7 +125,7 @@ def check_hdf5(path: Path) -> str | None:
 
     Files without the HDF5 signature pass (the settle window decides).
     """
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         size = f.seek(0, 2)
         if size == 0:
             return "empty file"
@@ -159,7 +163,7 @@ def check_hdf5(path: Path) -> str | None:
 def check_tar(path: Path) -> str | None:
     """A tar (NeMo's `.nemo`) is finished when two zero blocks close it; compressed or
     non-ustar files pass (the settle window decides)."""
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         head = f.read(_TAR_BLOCK)
         if not head:
             return "empty file"
@@ -176,7 +180,7 @@ def check_tar(path: Path) -> str | None:
 
 def check_tf_index(path: Path) -> str | None:
     """A TensorFlow tensor-bundle `.index` is finished when its table footer magic ends it."""
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         size = f.seek(0, 2)
         if size < 48:
             return "index shorter than its table footer"
@@ -189,7 +193,7 @@ def check_tf_index(path: Path) -> str | None:
 
 def check_pickle(path: Path) -> str | None:
     """A pickle (torch DCP `.metadata`) is finished when its last byte is the STOP opcode."""
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         if f.seek(0, 2) == 0:
             return "empty file"
         f.seek(-1, 2)
@@ -205,7 +209,7 @@ def torch_saved_ints(path: Path, keys: Collection[str]) -> dict[str, int | None]
     unreadable or unusual files give an empty answer, never an error."""
     found: dict[str, int | None] = {}
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_regular(path) as f, zipfile.ZipFile(f) as archive:
             member = next(
                 (i for i in archive.infolist() if i.filename.rpartition("/")[2] == "data.pkl"),
                 None,

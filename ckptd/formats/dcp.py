@@ -11,6 +11,7 @@ from ckptd.checkpoint import FileState
 from ckptd.formats import is_temp_name
 from ckptd.formats.checks import check_pickle, guarded
 from ckptd.formats.layout import DirectoryFormat, Memo, direct_files, top_entry
+from ckptd.inputs import open_regular
 
 __all__ = ["DcpFormat", "dcp_problem"]
 
@@ -28,7 +29,8 @@ def _named_shards(path: Path) -> frozenset[str]:
     try:
         if path.stat().st_size > _METADATA_LIMIT:
             return frozenset()
-        data = path.read_bytes()
+        with open_regular(path) as f:  # never a FIFO swapped in: it would block
+            data = f.read(_METADATA_LIMIT + 1)
     except OSError:
         return frozenset()
     return frozenset(m.decode() for m in _SHARD.findall(data))

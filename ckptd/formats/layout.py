@@ -21,6 +21,7 @@ from ckptd.checkpoint import FileState
 from ckptd.config import WatchConfig
 from ckptd.formats import CheckpointFormat, Verdict, is_temp_name
 from ckptd.formats.checks import check_file
+from ckptd.inputs import OutsideRoot, open_regular
 
 __all__ = [
     "SIDECAR_NAME",
@@ -63,6 +64,7 @@ class Listing:
 
     files: tuple[FileState, ...]
     problem: str | None = None
+    refused: str | None = None  # a file ckptd must never read: a symlink leaving the root
 
 
 def list_unit(unit: Path, root: Path) -> Listing:
@@ -75,6 +77,8 @@ def list_unit(unit: Path, root: Path) -> Listing:
     out: list[FileState] = []
     try:
         problem = _walk(unit, "", os.path.realpath(root), (os.path.realpath(unit),), out)
+    except OutsideRoot as exc:
+        return Listing((), str(exc), refused=str(exc))
     except (FileNotFoundError, NotADirectoryError):
         if not unit.is_dir():
             raise FileNotFoundError(unit) from None
@@ -94,7 +98,7 @@ def _walk(
         if entry.is_symlink():
             target = os.path.realpath(path)
             if not Path(target).is_relative_to(real_root):
-                return f"{path} is a symlink to {target}, outside the watched root"
+                raise OutsideRoot(f"{path} is a symlink to {target}, outside the watched root")
             if not Path(target).exists():
                 return f"{path} is a dangling symlink"
         if entry.is_dir():
@@ -139,7 +143,7 @@ class Memo:
 def read_text(path: Path, limit: int = _SMALL) -> str | None:
     """A small text file's stripped content; None if it is missing, unreadable or too big."""
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             data = f.read(limit + 1)
     except OSError:
         return None
@@ -159,7 +163,7 @@ class Parsed:
 def read_json(path: Path) -> Parsed:
     """Parse a JSON file; never raises."""
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             data = f.read(_JSON_LIMIT + 1)
         if len(data) > _JSON_LIMIT:
             return Parsed(False)
@@ -226,8 +230,9 @@ class DirectoryFormat(CheckpointFormat):
             problem, committed = "files changed while they were checked", False
         conclusive = problem is None and self.conclusive(unit, files)
         return Verdict(
-            problem is None, problem or "", committed, files, signals, conclusive=conclusive
-        )
+            problem is None, problem or "", committed, files, signals,
+            conclusive=conclusive, refused=listing.refused,
+        )  # fmt: skip
 
     def _problem(
         self, unit: Path, files: tuple[FileState, ...], listed: str | None

@@ -8,6 +8,7 @@ root, where the detector's `ReadyCheckpoint.base` puts them (the unit's parent).
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +76,7 @@ class TensorFlowFormat(CheckpointFormat):
             return None
         owner = prefix_of(path.name)
         if owner is None:  # the unit itself: a prefix whose files exist
-            merging = (root / f"{path.name}{_TEMP}").is_dir()
+            merging = _is_dir(root / f"{path.name}{_TEMP}")
             found = not path.exists() and (merging or bool(_members(root, path.name)))
             return path if found else None
         return root / owner if not is_temp_name(owner) else None
@@ -88,7 +89,7 @@ class TensorFlowFormat(CheckpointFormat):
     def check(self, unit: Path) -> Verdict:
         root, prefix = unit.parent, unit.name
         names = _members(root, prefix)
-        temp = (root / f"{prefix}{_TEMP}").exists()
+        temp = _is_dir(root / f"{prefix}{_TEMP}")
         if not names and not temp:
             raise FileNotFoundError(unit)
         try:
@@ -123,6 +124,17 @@ class TensorFlowFormat(CheckpointFormat):
         if prefix not in named_prefixes(root):
             return f"the {STATE_FILE} state file does not name {prefix} yet"
         return None
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether the directory exists. A name one `_temp` too long for the filesystem (a
+    255-byte file name plus the suffix) cannot exist: that is no, not an error."""
+    try:
+        return path.is_dir()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
 
 
 def _members(root: Path, prefix: str) -> list[str]:

@@ -65,6 +65,8 @@ def read_api_key(config: Config, environ: dict[str, str] | None = None) -> str |
             ) from None
         if not key:
             raise CkptdError(f"wandb.api_key_file: {path} is empty")
+        if path.stat().st_mode & 0o044:
+            log.warning("wandb.api_key_file: %s is readable by group or others; chmod 600 it", path)
         return key
     return env.get("WANDB_API_KEY") or None
 
