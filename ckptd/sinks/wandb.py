@@ -4,7 +4,12 @@ Versions are logged with `policy="immutable"` and `skip_cache=True` from ckptd's
 snapshot with the md5 ckptd already computed, so the SDK neither copies nor re-hashes a
 byte. Online, `wait()` returns once the version is committed; offline the SDK writes the
 run's `.wandb` file under `state_dir/wandb/` for a later `wandb sync` (and `wait()` would
-raise, so it is not called). `wandb sync` uploads each file from the path recorded at
+raise, so it is not called). wandb-core buffers that file until the run finishes, so an
+offline publish returns `committed=False` and `recorded` later reads the run files back
+(`offline_runs`) to tell which versions survived; one offline run id per collection is kept in
+`state_dir/wandb/` and resumed at each start, so restarts add no runs. If wandb-core dies
+under a live ckptd, the sink starts a new one and logs again what the lost run had not
+written. `wandb sync` uploads each file from the path recorded at
 `log_artifact`, long after ckptd released its snapshot: offline, the files are first
 hard-linked into the offline run's own directory (`ckptd-files/`), where they stay with the
 run until `wandb sync --clean` removes it.
@@ -18,9 +23,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
 from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile
+from ckptd.sinks.offline_runs import recorded_artifacts
 
 __all__ = ["WandbSink", "read_api_key"]
 
@@ -47,6 +55,8 @@ _MISSING_VERSION = re.compile(r"not found|does not exist|could not find", re.IGN
 _SDK_RETRIES = 1
 _FINISH_TIMEOUT = 30.0  # seconds a run may take to finish before ckptd stops waiting
 _INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
+# What the SDK raises once its wandb-core process is gone: every run of this process is dead.
+_SERVICE_LOST = {"ConnectionResetError", "BrokenPipeError", "MailboxClosedError"}
 
 
 def read_api_key(config: Config, environ: dict[str, str] | None = None) -> str | None:
@@ -80,16 +90,31 @@ class WandbSink:
         self._lock = threading.Lock()
         self._api: Any = None
         self._lineage_skipped: set[str] = set()  # run paths told about offline; under _lock
+        # Offline: what each collection's current run was given and may not have written yet,
+        # and what a run lost with its wandb-core (logged again into the next run); keys
+        # found in the run files at first use. All under _lock.
+        self._logged: dict[str, list[PublishRequest]] = {}
+        self._lost: dict[str, list[PublishRequest]] = {}
+        self._keys_at_start: set[str] | None = None
+        self._generation = 0  # bumped each time wandb-core is replaced; under _lock
 
     # -- the Sink contract ---------------------------------------------------------------
 
     def publish(self, request: PublishRequest) -> PublishedVersion:
+        generation = self._generation
         try:
             return self._publish(request)
         except PublishError:
             raise
         except Exception as exc:
+            if type(exc).__name__ in _SERVICE_LOST:
+                self._replace_service(generation)
             raise self._classify(exc, f"publishing {request.collection}") from exc
+
+    def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
+        if self.online:
+            return set(keys)
+        return set(keys) & self._keys_on_disk(collection)
 
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
         if not self.online:
@@ -180,9 +205,26 @@ class WandbSink:
     # -- internals -------------------------------------------------------------------------
 
     def _publish(self, request: PublishRequest) -> PublishedVersion:
+        if not self.online and request.key in self._keys_found_at_start():
+            # Logged by an earlier ckptd that died before its journal said so: not twice.
+            return PublishedVersion(version=None, committed=True)
+        run = self._run(request.collection)
+        if not self.online:
+            self._log_lost_again(request.collection, run)
+        logged = self._log(run, request)
+        if not self.online:
+            self._skip_lineage(request.run_path)
+            return PublishedVersion(version=None, committed=False)
+        size = sum(f.size for f in request.files)
+        logged.wait(timeout=int(300 + size / 5e6))
+        if request.run_path is not None:
+            self._record_lineage(request.collection, request.type, logged.version, request.run_path)
+        return PublishedVersion(version=logged.version, artifact_id=logged.id)
+
+    def _log(self, run: Any, request: PublishRequest) -> Any:
+        """`log_artifact` one version into `run`; offline, remember it until the run closes."""
         import wandb
 
-        run = self._run(request.collection)
         files = request.files if self.online else _keep_for_sync(run, request.files)
         artifact = wandb.Artifact(
             request.collection,
@@ -196,13 +238,61 @@ class WandbSink:
             artifact.ttl = timedelta(seconds=request.ttl)
         logged = run.log_artifact(artifact, aliases=list(request.aliases))
         if not self.online:
-            self._skip_lineage(request.run_path)
-            return PublishedVersion(version=None, committed=False)
-        size = sum(f.size for f in request.files)
-        logged.wait(timeout=int(300 + size / 5e6))
-        if request.run_path is not None:
-            self._record_lineage(request.collection, request.type, logged.version, request.run_path)
-        return PublishedVersion(version=logged.version, artifact_id=logged.id)
+            with self._lock:
+                self._logged.setdefault(request.collection, []).append(request)
+        return logged
+
+    # -- offline durability ----------------------------------------------------------------
+
+    def _keys_on_disk(self, collection: str | None = None) -> set[str]:
+        """The keys of the versions (of `collection`, or of all) in the offline run files."""
+        found = recorded_artifacts(self.config.state_dir / "wandb")
+        return {
+            key
+            for art in found
+            if (collection is None or art.name == collection)
+            and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
+        }
+
+    def _keys_found_at_start(self) -> set[str]:
+        with self._lock:
+            if self._keys_at_start is None:
+                self._keys_at_start = self._keys_on_disk()
+            return self._keys_at_start
+
+    def _replace_service(self, generation: int) -> None:
+        """wandb-core died (killed, OOM): every run of this process died with it and lost
+        what it had not written. Forget them; the next publish starts a new wandb-core and
+        a new run, which first logs again what the lost run never wrote."""
+        import wandb
+
+        with self._lock:
+            if generation != self._generation:
+                return  # another thread replaced it already
+            self._generation += 1
+            self._runs = {}
+            for collection, requests in self._logged.items():
+                self._lost.setdefault(collection, []).extend(requests)
+            self._logged = {}
+        log.warning("W&B's wandb-core process is gone; starting a new one for the next publish")
+        with _INIT_LOCK:
+            try:
+                wandb.teardown()
+            except Exception as exc:  # tearing down a dead connection fails; it is reset
+                log.debug("tearing down the dead W&B connection: %s", exc)
+
+    def _log_lost_again(self, collection: str, run: Any) -> None:
+        """Log into `run` each version a dead run of `collection` had not written."""
+        with self._lock:
+            lost = self._lost.pop(collection, [])
+        if not lost:
+            return
+        on_disk = self._keys_on_disk(collection)
+        again = [r for r in lost if r.key not in on_disk]
+        for request in again:
+            self._log(run, request)
+        log.info("%s: logged %d version(s) again that W&B's dead run had not written",
+                 collection, len(again))  # fmt: skip
 
     def _record_lineage(
         self, collection: str, artifact_type: str, version: str, run_path: str
@@ -277,6 +367,9 @@ class WandbSink:
         )
         state_dir = self.config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
+        # Offline, each collection keeps one run across restarts (resumed), so that a host
+        # restarting ckptd daily does not collect a run per day.
+        run_id = None if self.online else self._run_id(collection)
         with _INIT_LOCK:
             run = wandb.init(
                 project=self.config.wandb.project,
@@ -286,11 +379,29 @@ class WandbSink:
                 dir=str(state_dir),
                 reinit="create_new",
                 settings=settings,
+                id=run_id,
+                resume=None if run_id is None else "allow",
             )
         log.info("W&B run %s started for %s (%s)", run.id, collection, self.config.wandb.mode)
         with self._lock:
             self._runs[collection] = run
         return run
+
+    def _run_id(self, collection: str) -> str:
+        """The offline run id of `collection`, made once and kept in state_dir/wandb/."""
+        path = self.config.state_dir / "wandb" / f"ckptd-run-{collection}.id"
+        try:
+            kept = path.read_text(encoding="ascii").strip()
+        except (OSError, ValueError):
+            kept = ""  # none yet, or unreadable: a new run
+        if re.fullmatch(r"[0-9a-z]{1,64}", kept):
+            return kept
+        run_id = secrets.token_hex(4)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp")
+        temp.write_text(run_id + "\n", encoding="ascii")
+        temp.replace(path)
+        return run_id
 
     def _public_api(self) -> Any:
         if self._api is None:

@@ -1,0 +1,134 @@
+"""What W&B offline run files under state_dir durably hold: ckptd's side of `wandb sync`.
+
+An offline `log_artifact` is buffered by wandb-core and reaches the run's `.wandb` file only
+later (at the latest when the run finishes); a `kill -9` loses what was buffered. So ckptd
+trusts no offline publish until it has read the artifact record back from a run file, the
+way Litestream re-derives its position from the replica rather than from its own memory.
+
+The file format (wandb 0.31, a LevelDB-style log): a 7-byte header (`:W&B`, 0xBEE1 as u16
+LE, version 0), then 32 KiB blocks of chunks `<crc32 u32 LE><length u16 LE><type u8>` plus
+payload (type 1 full, 2 first, 3 middle, 4 last fragment; the CRC covers the type byte and
+the payload; fewer than 7 bytes left in a block are padding). Each record's payload parses as
+`wandb.proto.wandb_internal_pb2.Record`. A file that is still being written, or was cut
+short by a crash, is read up to its last whole record: what follows is not durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RecordedArtifact", "recorded_artifacts", "run_files"]
+
+log = logging.getLogger(__name__)
+
+_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+_BLOCK = 32 * 1024
+_CHUNK = struct.Struct("<IHB")  # crc32, payload length, chunk type
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class RecordedArtifact:
+    """An artifact record found in an offline run file."""
+
+    name: str
+    run_id: str
+    aliases: tuple[str, ...]
+    metadata: dict[str, Any]
+    run_file: Path
+
+
+def run_files(wandb_dir: Path) -> list[Path]:
+    """Every offline run file under `wandb_dir` (state_dir/wandb), oldest run first."""
+    return sorted(wandb_dir.glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+
+
+def recorded_artifacts(wandb_dir: Path) -> list[RecordedArtifact]:
+    """Every artifact record durably written to an offline run file under `wandb_dir`."""
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for path in run_files(wandb_dir):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read W&B offline run file %s: %s", path, exc.strerror or exc)
+            continue
+        for payload in _payloads(data, path):
+            record: Any = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+            try:
+                record.ParseFromString(payload)
+            except Exception as exc:  # protobuf's DecodeError: a record this reader cannot use
+                log.debug("%s: skipping a record that does not parse: %s", path, exc)
+                continue
+            artifact = _artifact_of(record)
+            if artifact is not None:
+                found.append(_recorded(artifact, path))
+    return found
+
+
+def _artifact_of(record: Any) -> Any:
+    """The artifact record inside `record`, wherever this SDK version puts it, or None."""
+    kind = record.WhichOneof("record_type")
+    if kind == "artifact":
+        return record.artifact
+    if kind == "request" and record.request.WhichOneof("request_type") == "log_artifact":
+        return record.request.log_artifact.artifact
+    return None
+
+
+def _recorded(artifact: Any, path: Path) -> RecordedArtifact:
+    try:
+        metadata = json.loads(artifact.metadata) if artifact.metadata else {}
+    except ValueError:
+        metadata = {}
+    return RecordedArtifact(
+        name=artifact.name,
+        run_id=artifact.run_id,
+        aliases=tuple(artifact.aliases),
+        metadata=metadata if isinstance(metadata, dict) else {},
+        run_file=path,
+    )
+
+
+def _payloads(data: bytes, path: Path) -> Iterator[bytes]:
+    """The payload of each whole record in `data`; stops at the first torn or bad chunk."""
+    if not data.startswith(_HEADER):
+        if data:
+            log.warning("%s is not a W&B offline run file (bad header); skipping it", path)
+        return
+    pos, pending = len(_HEADER), None
+    while pos < len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK.size:
+            pos += left  # block padding
+            continue
+        if len(data) - pos < _CHUNK.size:
+            return  # a torn tail: written up to here
+        crc, length, kind = _CHUNK.unpack_from(data, pos)
+        body = data[pos + _CHUNK.size : pos + _CHUNK.size + length]
+        if length > left - _CHUNK.size or len(body) < length or crc != _crc(kind, body):
+            return  # torn, or not written yet (a zero-filled tail): nothing after is whole
+        pos += _CHUNK.size + length
+        if kind == _FULL:
+            yield body
+        elif kind == _FIRST:
+            pending = [body]
+        elif kind in (_MIDDLE, _LAST) and pending is not None:
+            pending.append(body)
+            if kind == _LAST:
+                yield b"".join(pending)
+                pending = None
+        else:
+            return
+
+
+def _crc(kind: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF
