@@ -158,11 +158,17 @@ def _run(
         service.shutdown(drain=not batch)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    code = EXIT_OK
     if batch and service.unpublished:
         for problem in service.unpublished:
             log.error("not published: %s", problem)
-        return EXIT_FAILURE
-    return EXIT_OK
+        code = EXIT_FAILURE
+    if service.abandoned:
+        # A publish still inside the SDK's own retries (an unreachable server) would hold
+        # the interpreter's exit for minutes; its row stays queued in the journal.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _status(config: Config) -> int:

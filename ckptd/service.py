@@ -87,6 +87,7 @@ class Service:
         self._last_queued = 0.0  # when this process last queued a checkpoint
         self.left: list[str] = []  # set by shutdown(): what the next start has to publish
         self.unpublished: list[str] = []  # set by shutdown(): what a batch run failed to publish
+        self.abandoned = False  # set by shutdown(): a publish was still running when it ended
         self._last_journal_problem: str | None = None
         self._stager = Stager(self.staging, self.wake)
 
@@ -198,6 +199,7 @@ class Service:
             self._drain(self.clock() + self.config.upload.shutdown_timeout)
         self._stager.shutdown()
         self._hasher.shutdown()
+        self.abandoned = any(not f.done() for f in self._publishing.values())
         if self._publishers is not None:
             self._publishers.shutdown(wait=False, cancel_futures=True)
         if self.sink is not None:
