@@ -194,9 +194,11 @@ def _status(config: Config) -> int:
         counts = Counter(r.state for r in mine)
         published = [r for r in mine if r.state in ("published", "aliased")]
         last = max(published, key=lambda r: r.updated_at, default=None)
+        unconfirmed = sum(not r.durable for r in published)
         print(
-            f"{collection}: {counts['aliased'] + counts['published']} published, "
-            f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
+            f"{collection}: {len(published) - unconfirmed} published, "
+            + (f"{unconfirmed} logged offline but unconfirmed, " if unconfirmed else "")
+            + f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
             f"{counts['superseded']} superseded, {sum(d.collection == collection for d in drops)} "
             "dropped" + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
         )

@@ -17,14 +17,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
+import shutil
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RecordedArtifact", "recorded_artifacts", "run_files"]
+from ckptd import snapshot
+from ckptd.sinks import SinkFile
+
+__all__ = [
+    "RecordedArtifact",
+    "keep_for_sync",
+    "recorded_artifacts",
+    "recorded_keys",
+    "run_files",
+    "run_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,49 @@ class RecordedArtifact:
     aliases: tuple[str, ...]
     metadata: dict[str, Any]
     run_file: Path
+
+
+def run_id(wandb_dir: Path, collection: str) -> str:
+    """The offline run id of `collection`, made once and kept in `wandb_dir`, so that every
+    start resumes the same run rather than adding one."""
+    path = wandb_dir / f"ckptd-run-{collection}.id"
+    try:
+        kept = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        kept = ""  # none yet, or unreadable: a new run
+    if re.fullmatch(r"[0-9a-z]{1,64}", kept):
+        return kept
+    made = secrets.token_hex(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(made + "\n", encoding="ascii")
+    temp.replace(path)
+    return made
+
+
+def keep_for_sync(run_dir: str, files: tuple[SinkFile, ...]) -> tuple[SinkFile, ...]:
+    """Hard-link (across filesystems: copy) `files` into the offline run's directory, which
+    `wandb sync` reads them from; the links cost no disk while the checkpoint exists."""
+    dest = Path(run_dir).parent / "ckptd-files" / str(time.time_ns())
+    kept = []
+    for file in files:
+        target = dest / file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not snapshot.try_link(file.path, target):
+            shutil.copy2(file.path, target)
+        kept.append(SinkFile(file.name, target, file.md5_b64, file.size))
+    return tuple(kept)
+
+
+def recorded_keys(wandb_dir: Path, collection: str | None = None) -> set[str]:
+    """The ckptd keys (metadata `ckptd.key`) of the versions (of `collection`, or of every
+    collection) whose records are in the offline run files."""
+    return {
+        key
+        for art in recorded_artifacts(wandb_dir)
+        if (collection is None or art.name == collection)
+        and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
+    }
 
 
 def run_files(wandb_dir: Path) -> list[Path]:

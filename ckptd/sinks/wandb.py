@@ -23,21 +23,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
-import shutil
 import threading
-import time
 from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ckptd import snapshot
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
-from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile
-from ckptd.sinks.offline_runs import recorded_artifacts
+from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile, offline_runs
 
 __all__ = ["WandbSink", "read_api_key"]
 
@@ -114,7 +109,7 @@ class WandbSink:
     def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
         if self.online:
             return set(keys)
-        return set(keys) & self._keys_on_disk(collection)
+        return set(keys) & offline_runs.recorded_keys(self._wandb_dir, collection)
 
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
         if not self.online:
@@ -195,6 +190,17 @@ class WandbSink:
                 log.warning(
                     "W&B run %s did not finish in %.0fs; leaving it", run.id, _FINISH_TIMEOUT
                 )
+                return
+        if runs and not self.online:
+            # finish() can answer before wandb-core has closed the run files; its exit
+            # closes them, so that `recorded` reads every record that finish() wrote.
+            import wandb
+
+            with _INIT_LOCK:
+                try:
+                    wandb.teardown()
+                except Exception as exc:  # a dead wandb-core cannot be torn down; nothing to do
+                    log.debug("tearing down W&B: %s", self._mask(exc))
 
     def _finish(self, run: Any) -> None:
         try:
@@ -225,7 +231,7 @@ class WandbSink:
         """`log_artifact` one version into `run`; offline, remember it until the run closes."""
         import wandb
 
-        files = request.files if self.online else _keep_for_sync(run, request.files)
+        files = request.files if self.online else offline_runs.keep_for_sync(run.dir, request.files)
         artifact = wandb.Artifact(
             request.collection,
             type=request.type,
@@ -244,20 +250,14 @@ class WandbSink:
 
     # -- offline durability ----------------------------------------------------------------
 
-    def _keys_on_disk(self, collection: str | None = None) -> set[str]:
-        """The keys of the versions (of `collection`, or of all) in the offline run files."""
-        found = recorded_artifacts(self.config.state_dir / "wandb")
-        return {
-            key
-            for art in found
-            if (collection is None or art.name == collection)
-            and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
-        }
+    @property
+    def _wandb_dir(self) -> Path:
+        return self.config.state_dir / "wandb"
 
     def _keys_found_at_start(self) -> set[str]:
         with self._lock:
             if self._keys_at_start is None:
-                self._keys_at_start = self._keys_on_disk()
+                self._keys_at_start = offline_runs.recorded_keys(self._wandb_dir)
             return self._keys_at_start
 
     def _replace_service(self, generation: int) -> None:
@@ -287,7 +287,7 @@ class WandbSink:
             lost = self._lost.pop(collection, [])
         if not lost:
             return
-        on_disk = self._keys_on_disk(collection)
+        on_disk = offline_runs.recorded_keys(self._wandb_dir, collection)
         again = [r for r in lost if r.key not in on_disk]
         for request in again:
             self._log(run, request)
@@ -369,7 +369,7 @@ class WandbSink:
         state_dir.mkdir(parents=True, exist_ok=True)
         # Offline, each collection keeps one run across restarts (resumed), so that a host
         # restarting ckptd daily does not collect a run per day.
-        run_id = None if self.online else self._run_id(collection)
+        run_id = None if self.online else offline_runs.run_id(self._wandb_dir, collection)
         with _INIT_LOCK:
             run = wandb.init(
                 project=self.config.wandb.project,
@@ -386,22 +386,6 @@ class WandbSink:
         with self._lock:
             self._runs[collection] = run
         return run
-
-    def _run_id(self, collection: str) -> str:
-        """The offline run id of `collection`, made once and kept in state_dir/wandb/."""
-        path = self.config.state_dir / "wandb" / f"ckptd-run-{collection}.id"
-        try:
-            kept = path.read_text(encoding="ascii").strip()
-        except (OSError, ValueError):
-            kept = ""  # none yet, or unreadable: a new run
-        if re.fullmatch(r"[0-9a-z]{1,64}", kept):
-            return kept
-        run_id = secrets.token_hex(4)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(run_id + "\n", encoding="ascii")
-        temp.replace(path)
-        return run_id
 
     def _public_api(self) -> Any:
         if self._api is None:
@@ -460,20 +444,6 @@ def _remote_version(artifact: Any) -> RemoteVersion:
         linked=bool(artifact.is_link),
         metrics=metrics if isinstance(metrics, dict) else {},
     )
-
-
-def _keep_for_sync(run: Any, files: tuple[SinkFile, ...]) -> tuple[SinkFile, ...]:
-    """Hard-link (across filesystems: copy) `files` into the offline run's directory, which
-    `wandb sync` reads them from; the links cost no disk while the checkpoint exists."""
-    dest = Path(run.dir).parent / "ckptd-files" / str(time.time_ns())
-    kept = []
-    for file in files:
-        target = dest / file.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not snapshot.try_link(file.path, target):
-            shutil.copy2(file.path, target)
-        kept.append(SinkFile(file.name, target, file.md5_b64, file.size))
-    return tuple(kept)
 
 
 def _add_file(artifact: Any, file: SinkFile) -> None:
