@@ -128,9 +128,10 @@ class Publisher:
         """Confirm each published row the sink now vouches for (W&B offline: its record is
         in a run file) and release its snapshot; with `again`, publish each one whose record
         was lost once more, with the aliases it had. Returns the rows still unconfirmed."""
-        left = []
-        for collection in sorted({r.collection for r in self.journal.unconfirmed()}):
-            rows = [r for r in self.journal.unconfirmed() if r.collection == collection]
+        left: list[Row] = []
+        unconfirmed = self.journal.unconfirmed()
+        for collection in sorted({r.collection for r in unconfirmed}):
+            rows = [r for r in unconfirmed if r.collection == collection]
             try:
                 durable = self.sink.recorded(collection, [_key(r) for r in rows])
             except PublishError as exc:
