@@ -449,6 +449,7 @@ class Ckptd:
         metrics_listen: str | None = None,
         level: str = "info",
         profile: Path | None = None,
+        upload: dict[str, Any] | None = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -460,7 +461,7 @@ class Ckptd:
         config = {
             "state_dir": str(root / "state"),
             "wandb": {"mode": "online" if online else "offline", "project": PROJECT},
-            "upload": {"workers": workers},
+            "upload": {"workers": workers, **(upload or {})},
             "watch": watches,
             "metrics": {"listen": metrics_listen},
             "log": {"level": level},

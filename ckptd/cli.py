@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import signal
@@ -78,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # `ckptd --config FILE [--once]` is `ckptd run --config FILE [--once]`.
     first = args_list[0] if args_list else ""
+    if first and not first.startswith("-") and first not in _COMMANDS:
+        close = difflib.get_close_matches(first, _COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(
+            f"ckptd: unknown command {first!r}{hint} (commands: {', '.join(_COMMANDS)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if first not in _COMMANDS and first not in {"-h", "--help", "--version"}:
         args_list.insert(0, "run")
     args = _parser().parse_args(args_list)
@@ -90,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "check":
-            print(f"{args.config or DEFAULT_CONFIG_PATH}: OK ({len(config.watch)} watch entries)")
-            return EXIT_OK
+            return _check(config, args.config or DEFAULT_CONFIG_PATH)
         if args.command == "status":
             return _status(config)
         if args.command == "gc":
@@ -120,11 +128,15 @@ def _run(
     config: Config, *, once: bool, until_file: Path | None = None, deadline: float = 300.0
 ) -> int:
     from ckptd.logs import setup_logging
+    from ckptd.priority import lower_priority
     from ckptd.service import Service
     from ckptd.sinks.wandb import WandbSink, read_api_key
 
     api_key = read_api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
+    # Before any thread or wandb-core starts: they inherit it.
+    running_at = lower_priority(config.upload.priority)
+    log.info("running at %s (upload.priority: %s)", running_at, config.upload.priority)
     if config.wandb.mode == "online" and not api_key:
         raise CkptdError(
             "wandb.mode is online but no API key was found: set wandb.api_key_file or "
@@ -169,6 +181,18 @@ def _run(
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _check(config: Config, source: Path) -> int:
+    """Say what the config will do: each watch entry, where it publishes, what it deletes."""
+    from ckptd.retention import describe
+
+    count = len(config.watch)
+    print(f"{source}: OK ({count} watch entr{'y' if count == 1 else 'ies'})")
+    for index, watch in enumerate(config.watch):
+        print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
+        print(f"    retention: {describe(watch.retention)}")
+    return EXIT_OK
 
 
 def _status(config: Config) -> int:

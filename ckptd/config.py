@@ -170,10 +170,24 @@ class UploadConfig(_Model):
     workers: int = Field(4, ge=1, le=64)
     retry: RetryConfig = RetryConfig()
     shutdown_timeout: Duration = 60.0
+    # ckptd and its wandb-core beside a training job: low (nice 10, I/O best-effort 7),
+    # idle (nice 19, I/O idle) or normal.
+    priority: Literal["normal", "low", "idle"] = "low"
+    max_read_rate: SizeValue | None = None  # bytes per second that hashing may read
+
+    @field_validator("max_read_rate")
+    @classmethod
+    def _absolute_rate(cls, rate: Size | None) -> Size | None:
+        if rate is not None and (rate.percent is not None or not rate.bytes):
+            raise ValueError("expected bytes per second such as 200MB")
+        return rate
 
 
 class SidecarConfig(_Model):
     wait: Duration = 30.0
+    # auto: wait only where a sidecar is expected (the entry has had one before, or neither
+    # the name nor the framework gives the step); always: wait for every checkpoint; never.
+    expect: Literal["auto", "always", "never"] = "auto"
 
 
 class BestRule(_Model):
@@ -222,7 +236,8 @@ class _TemplateProbe(dict[str, object]):
 
 
 class RemoteRetention(_Model):
-    keep_last: int | None = Field(5, ge=1)
+    # None keeps every version: ckptd deletes a version only where the config asks for it.
+    keep_last: int | None = Field(None, ge=1)
     protect: tuple[str, ...] = ("latest", "best*", "production", "staging")
     keep_every: int | None = Field(None, ge=1)
     ttl: Duration | None = None
@@ -254,11 +269,13 @@ class WatchConfig(_Model):
     poll_interval: Duration = 2.0
     rescan: Duration = 600.0
     settle: Duration = 5.0
+    incomplete_after: Duration = 600.0
     sidecar: SidecarConfig = SidecarConfig()
     aliases: AliasConfig = AliasConfig()
     retention: RetentionConfig = RetentionConfig()
     description: str | None = None
     run_path: str | None = None
+    shared: bool = False  # this entry shares its collection with another on purpose
 
     _resolve = field_validator("path")(_resolve_path)
 
@@ -325,23 +342,51 @@ class Config(_Model):
     wandb: WandbConfig = WandbConfig()
     upload: UploadConfig = UploadConfig()
     watch: tuple[WatchConfig, ...] = Field(min_length=1)
-    metrics: MetricsConfig = MetricsConfig()
+    metrics: MetricsConfig = MetricsConfig()  # `metrics: null` turns the endpoints off
     log: LogConfig = LogConfig()
 
     _resolve = field_validator("state_dir")(_resolve_path)
 
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_off(cls, value: object) -> object:
+        return {"listen": None} if value is None else value
+
     @model_validator(mode="after")
     def _distinct_watches(self) -> Config:
-        seen: dict[tuple[str, Path], int] = {}
-        for index, watch in enumerate(self.watch):
-            key = (watch.artifact, watch.path)
-            if key in seen:
-                raise ValueError(
-                    f"watch[{index}] repeats watch[{seen[key]}] "
-                    f"(same path {watch.path} and artifact {watch.artifact!r})"
-                )
-            seen[key] = index
+        """Each checkpoint belongs to one entry, and each collection to one entry unless the
+        entries say they share it: two jobs in one collection make `latest` jump between
+        their steps, and a file under two entries would be published twice."""
+        problems = []
+        for later, watch in enumerate(self.watch):
+            for earlier, other in enumerate(self.watch[:later]):
+                overlap = _overlap(other.path, watch.path)
+                if overlap:
+                    problems.append(
+                        f"watch[{later}] ({watch.path}) {overlap} watch[{earlier}] "
+                        f"({other.path}): a checkpoint under both would be published twice; "
+                        "watch one of them"
+                    )
+                elif watch.artifact == other.artifact and not (watch.shared and other.shared):
+                    problems.append(
+                        f"watch[{earlier}] and watch[{later}] both publish to "
+                        f"{watch.artifact!r}: `latest` would jump between their steps; give "
+                        "each its own `artifact:`, or set `shared: true` on both"
+                    )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+def _overlap(first: Path, second: Path) -> str:
+    """How watch path `second` overlaps `first` ('' if it does not)."""
+    if first == second:
+        return "is the same directory as"
+    if second.is_relative_to(first):
+        return "is inside"
+    if first.is_relative_to(second):
+        return "contains"
+    return ""
 
 
 def load_config(path: Path | str | None, env: dict[str, str] | None = None) -> Config:
@@ -419,6 +464,11 @@ def _describe(exc: ValidationError, raw: Any) -> list[str]:
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
             message = message.replace("Input should be", "expected")
+            message = message.replace("a valid tuple", "a list")
+            message = re.sub(r"a valid dictionary or instance of \w+", "a mapping", message)
+            if not where and kind == "value_error":
+                lines.extend(message.splitlines())  # across entries: each names its keys
+                continue
             if "got " not in message:
                 message = f"{message}, got {error['input']!r}"
             lines.append(f"{where or '(top level)'}: {message}")

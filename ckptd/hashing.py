@@ -19,6 +19,7 @@ from ckptd import snapshot
 from ckptd.checkpoint import content_digest
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
+from ckptd.priority import ReadRate
 
 __all__ = ["CHUNK", "Hasher", "md5_b64"]
 
@@ -29,14 +30,17 @@ RETRY = 30.0  # seconds before hashing an unreadable snapshot again
 CHUNK = 8 << 20
 
 
-def md5_b64(path: Path) -> str:
-    """The base64 md5 of a file, as W&B writes it in manifests and Content-MD5 headers."""
+def md5_b64(path: Path, rate: ReadRate | None = None) -> str:
+    """The base64 md5 of a file, as W&B writes it in manifests and Content-MD5 headers;
+    with `rate`, reading no faster than it allows."""
     h = hashlib.md5()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     with path.open("rb", buffering=0) as f:
         while n := f.readinto(buffer):
             h.update(view[:n])
+            if rate is not None:
+                rate.take(n)
     return base64.b64encode(h.digest()).decode("ascii")
 
 
@@ -52,10 +56,13 @@ class Hasher:
     `superseded` when the snapshot changed meanwhile (the checkpoint is detected again).
     Only the coordinator thread calls it; `wake` is set whenever a file is done."""
 
-    def __init__(self, journal: Journal, wake: threading.Event, threads: int) -> None:
+    def __init__(
+        self, journal: Journal, wake: threading.Event, threads: int, rate: ReadRate | None = None
+    ) -> None:
         self.journal = journal
         self._wake = wake
         self._threads = threads
+        self._rate = rate
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: dict[int, _Job] = {}  # row id -> files being hashed
 
@@ -73,7 +80,7 @@ class Hasher:
                 continue
             job = self._jobs[row.id] = _Job(row)
             for f in row.files:
-                future = self._pool.submit(md5_b64, Path(row.snapshot) / f.name)
+                future = self._pool.submit(md5_b64, Path(row.snapshot) / f.name, self._rate)
                 future.add_done_callback(lambda _: self._wake.set())
                 job.futures[f.name] = future
 

@@ -230,6 +230,16 @@ class Journal:
             for r in rows
         }
 
+    def had_sidecar(self, collection: str, watch_path: Path) -> bool:
+        """Has any checkpoint of this watch entry come with a sidecar (`*metrics.json`)?"""
+        return bool(
+            self._query(
+                "SELECT 1 FROM checkpoints WHERE collection = ? AND watch_path = ? AND "
+                "json_extract(info, '$.source') LIKE '%metrics.json' LIMIT 1",
+                (collection, str(watch_path)),
+            )
+        )
+
     def transition(self, row_id: int, to: str, now: float, **fields: Any) -> Row:
         """Move a row to state `to`, setting `fields`; refuse transitions the machine forbids."""
         with self._tx() as db:

@@ -51,7 +51,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ckptd.config import AliasConfig, LocalRetention, RemoteRetention, WatchConfig
+from ckptd.config import (
+    AliasConfig,
+    LocalRetention,
+    RemoteRetention,
+    RetentionConfig,
+    Size,
+    WatchConfig,
+)
 from ckptd.sinks import RemoteVersion
 
 __all__ = [
@@ -335,6 +342,37 @@ def journal_aliases(
             mine.insert(0, "latest")
         held[row_id] = tuple(dict.fromkeys(mine))
     return held
+
+
+def describe(retention: RetentionConfig) -> str:
+    """A watch entry's effective retention in one line, for `ckptd check`."""
+    remote = retention.remote
+    if remote.keep_last is None:
+        parts = ["W&B: keeps every version (retention.remote.keep_last is not set)"]
+    else:
+        kept = [f"the newest {remote.keep_last} by step"]
+        if remote.keep_every is not None:
+            kept.append(f"one in every {remote.keep_every} steps")
+        if remote.protect:
+            kept.append(f"aliases matching {', '.join(remote.protect)}")
+        parts = [f"W&B: deletes versions except {'; '.join(kept)}"]
+    if remote.ttl is not None:
+        parts.append(f"each version expires after {remote.ttl:g}s")
+    local = retention.local
+    if local.delete_after_upload:
+        parts.append(f"disk: deletes published checkpoints but the newest {local.keep_last}")
+    elif local.min_free is not None:
+        parts.append(
+            f"disk: deletes the oldest published checkpoints while free space is under "
+            f"{_size_text(local.min_free)} (keeps the newest {local.keep_last})"
+        )
+    else:
+        parts.append("disk: deletes nothing")
+    return "; ".join(parts)
+
+
+def _size_text(size: Size) -> str:
+    return f"{size.percent:g}%" if size.percent is not None else format_size(size.bytes or 0)
 
 
 def format_size(size: int) -> str:

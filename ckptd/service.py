@@ -31,6 +31,7 @@ from ckptd.hashing import Hasher
 from ckptd.journal import Journal, Row
 from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
 from ckptd.notify import SystemdNotifier
+from ckptd.priority import ReadRate
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
@@ -61,7 +62,7 @@ class Service:
         self.journal = Journal(config.state_dir)
         self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.detectors = [Detector(watch) for watch in config.watch]
+        self.detectors = [Detector(watch, self.staging) for watch in config.watch]
         self.watcher = Watcher(config.watch, self.hints, self.wake)
         self._sink_factory = sink_factory
         self.sink: Sink | None = None
@@ -78,7 +79,9 @@ class Service:
         # that all finish late together and the first upload waits for the last hash.
         threads = min(config.upload.workers, len(os.sched_getaffinity(0)))
         # Owned by the coordinator thread only:
-        self._hasher = Hasher(self.journal, self.wake, threads)
+        rate = config.upload.max_read_rate
+        read_rate = ReadRate(rate.bytes) if rate is not None and rate.bytes else None
+        self._hasher = Hasher(self.journal, self.wake, threads, read_rate)
         self._publishers: ThreadPoolExecutor | None = None
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
@@ -120,6 +123,8 @@ class Service:
             watch = detector.watch
             for relpath, files in self.journal.recorded_files(watch.artifact, watch.path).items():
                 detector.remember(relpath, files)
+            if self.journal.had_sidecar(watch.artifact, watch.path):
+                detector.expect_sidecars()
         self.watcher.start()
         address = self.config.metrics.address
         if address is not None:
@@ -174,6 +179,17 @@ class Service:
             self.wake.wait(max(0.0, min(due - self.clock(), _IDLE_WAKE)))
             self.wake.clear()
 
+    def _keep_deleted_holds(self) -> None:
+        """Journal the held candidates that their framework deleted already: the next start
+        could not find them again, and they were whole when held."""
+        now = self.clock()
+        try:
+            for detector in self.detectors:
+                for ready in detector.flush(now):
+                    self._accept(detector, ready, now)
+        except JournalError as exc:
+            self._report_journal_problem(exc)
+
     def _report_journal_problem(self, exc: JournalError) -> None:
         message = str(exc)
         if message != self._last_journal_problem:
@@ -195,6 +211,8 @@ class Service:
         self.watcher.stop()
         if not self.journal.is_open:  # start() failed before the journal opened
             return
+        # Held candidates that their framework deleted meanwhile are whole: queue them too.
+        self._keep_deleted_holds()
         if drain and self.publisher is not None:
             self._drain(self.clock() + self.config.upload.shutdown_timeout)
         self._stager.shutdown()
@@ -280,7 +298,9 @@ class Service:
                 log.warning("filesystem events were lost; rescanning every watched directory")
                 self._next_rescan = [now for _ in self._next_rescan]
                 continue
-            self.detectors[hint.watch_index].hint(hint.path, now, moved_in=hint.moved_in)
+            self.detectors[hint.watch_index].hint(
+                hint.path, now, moved_in=hint.moved_in, written=hint.written, closed=hint.closed
+            )
 
     def _accept(self, detector: Detector, ready: ReadyCheckpoint, now: float) -> None:
         """Snapshot a finished checkpoint and journal it, unless the journal knows it (a
@@ -288,6 +308,10 @@ class Service:
         watch = ready.watch
         if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
             detector.mark_done(ready)
+            if ready.hold is not None:
+                snapshot.remove(ready.hold.dest)
+        elif ready.hold is not None:  # held since it was whole: the hold is the snapshot
+            self._record(Taken(detector, ready, ready.hold.dest, ready.hold.files), now)
         elif not self._stager.busy(ready.unit):
             taken = self._stager.take(detector, ready)
             if taken is not None:
@@ -303,7 +327,8 @@ class Service:
                 files=taken.files, info=ready.info, snapshot=taken.dest, now=now,
             )  # fmt: skip
         except JournalError:
-            snapshot.remove(taken.dest)
+            if ready.hold is None:  # a hold stays the detector's, offered again later
+                snapshot.remove(taken.dest)
             raise
         taken.detector.mark_done(ready)
         self.drops.clear(watch.artifact, ready.unit)

@@ -63,21 +63,27 @@ def take(
 def try_link(source: Path, target: Path) -> bool:
     """Hard-link `source` to `target`; False where only a copy can do (another filesystem,
     another user's file under protected_hardlinks, too many links). Other errors raise."""
+    return _link(source, target) is None
+
+
+def _link(source: Path, target: Path) -> int | None:
+    """Hard-link `source` to `target`: None, or the errno where only a copy can do."""
     try:
         os.link(source, target, follow_symlinks=True)
-        return True
+        return None
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
-        return False
+        return exc.errno
 
 
 def _link_or_copy(source: Path, target: Path, copy: bool) -> bool:
     """Hard-link `source` to `target`, or copy it across filesystems; True if linked."""
-    if try_link(source, target):
+    code = _link(source, target)
+    if code is None:
         return True
     if not copy:
-        raise CannotLink(errno.EXDEV, f"cannot hard-link {source} into {target.parent}")
+        raise CannotLink(code, f"cannot hard-link {source} into {target.parent}")
     parent = source.parent
     if parent not in _copy_warned:
         _copy_warned.add(parent)

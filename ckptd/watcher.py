@@ -49,12 +49,16 @@ NETWORK_FILESYSTEMS = frozenset({
 @dataclass(frozen=True)
 class Hint:
     """Something happened at `path` under watch entry `watch_index`. `moved_in` marks a
-    rename into place; `overflow` means events were lost and the root needs a rescan."""
+    rename into place; `written` a file written to (created or modified); `closed` a file
+    closed after writing (inotify's IN_CLOSE_WRITE: the polling observer never sends it);
+    `overflow` means events were lost and the root needs a rescan."""
 
     watch_index: int
     path: Path
     moved_in: bool = False
     overflow: bool = False
+    written: bool = False
+    closed: bool = False
 
 
 def filesystem_type(path: Path, mounts: str = "/proc/self/mounts") -> str:
@@ -95,14 +99,18 @@ class _Handler(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in {"opened", "closed_no_write"}:
+        # Opens and reads say nothing about a write; attribute changes come from chmod,
+        # touch and ckptd's own hard links (the link count), never from new content.
+        if event.event_type in {"opened", "closed_no_write", "attrib"}:
             return
         moved = isinstance(event, FileMovedEvent | DirMovedEvent)
         # A move's source is empty when it came from outside the watched tree; its
         # destination is empty when it left it (inotify's unpaired halves).
         if event.src_path:
             source = Path(os.fsdecode(event.src_path))
-            self._hints.put(Hint(self._index, source, moved_in=False))
+            written = event.event_type in {"created", "modified"} and not event.is_directory
+            closed = isinstance(event, FileClosedEvent)
+            self._hints.put(Hint(self._index, source, written=written, closed=closed))
         if moved and event.dest_path:
             dest = Path(os.fsdecode(event.dest_path))
             self._hints.put(Hint(self._index, dest, moved_in=True))

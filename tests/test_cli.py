@@ -90,3 +90,39 @@ def test_second_daemon_on_the_same_state_dir_fails(
     assert result.returncode == 1
     assert "is in use by ckptd" in result.stderr and str(tmp_path / "state") in result.stderr
     assert first.stop() == 0
+
+
+def test_check_states_each_entrys_effective_retention(tmp_path: Path) -> None:
+    """`ckptd check` says in one line per entry what it will delete, or that it deletes none."""
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        "watch:\n"
+        "  - {path: a}\n"
+        "  - path: b\n"
+        "    artifact: b\n"
+        "    retention:\n"
+        "      remote: {keep_last: 3, protect: [best]}\n"
+        "      local: {delete_after_upload: true, keep_last: 1}\n"
+    )
+    result = subprocess.run(
+        [*CKPTD, "check", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{config}: OK (2 watch entries)"
+    assert lines[2] == (
+        "    retention: W&B: keeps every version (retention.remote.keep_last is not set); "
+        "disk: deletes nothing"
+    )
+    assert lines[4] == (
+        "    retention: W&B: deletes versions except the newest 3 by step; aliases matching "
+        "best; disk: deletes published checkpoints but the newest 1"
+    )
+
+
+def test_a_mistyped_command_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    """`ckptd stauts` exits 2 and suggests `status` instead of running the daemon."""
+    result = run("stauts", "--config", "x.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown command 'stauts'; did you mean 'status'?" in result.stderr
+    assert run("frobnicate").stderr.startswith("ckptd: unknown command 'frobnicate' (")

@@ -143,3 +143,46 @@ def test_duplicate_best_alias_is_refused(tmp_path: Path) -> None:
         " {metric: b, alias: best}]}}]",
     )
     assert found[0].startswith("watch[0].aliases:") and "best" in found[0]
+
+
+def test_two_entries_in_one_collection_are_refused_unless_both_share_it(tmp_path: Path) -> None:
+    """Two jobs without `artifact:` would share `model-checkpoint` and `latest` would jump
+    between them: refused, naming both entries, unless both say `shared: true`."""
+    (found,) = problems(tmp_path, "watch: [{path: jobA}, {path: jobB}]\n")
+    assert found.startswith("watch[0] and watch[1] both publish to 'model-checkpoint'")
+    assert "shared: true" in found
+    assert problems(tmp_path, "watch: [{path: a, shared: true}, {path: b}]\n")
+    config = load_config(
+        write(tmp_path, "watch: [{path: a, shared: true}, {path: b, shared: true}]\n")
+    )
+    assert [w.artifact for w in config.watch] == ["model-checkpoint"] * 2
+
+
+def test_overlapping_watch_paths_are_refused(tmp_path: Path) -> None:
+    """A directory inside another watched one (or the same one twice, in two collections)
+    would publish the same file twice: refused, naming both entries and paths."""
+    (found,) = problems(
+        tmp_path, "watch: [{path: jobA, recursive: true}, {path: jobA/checkpoints, artifact: b}]\n"
+    )
+    assert found == (
+        f"watch[1] ({tmp_path / 'jobA/checkpoints'}) is inside watch[0] ({tmp_path / 'jobA'}): "
+        "a checkpoint under both would be published twice; watch one of them"
+    )
+    (found,) = problems(tmp_path, "watch: [{path: x/y, artifact: a}, {path: x, artifact: b}]\n")
+    assert "watch[1]" in found and "contains watch[0]" in found
+    (found,) = problems(tmp_path, "watch: [{path: x, artifact: a}, {path: x, artifact: b}]\n")
+    assert "is the same directory as watch[0]" in found
+
+
+def test_shape_errors_say_list_and_mapping_and_metrics_null_turns_metrics_off(
+    tmp_path: Path,
+) -> None:
+    """A string where a list belongs says "list" (not pydantic's "tuple"), a scalar where a
+    mapping belongs says "mapping", and `metrics: null` is accepted, as the example says."""
+    found = problems(tmp_path, 'watch: [{path: x, patterns: "*.pt"}]\nwandb: 3\n')
+    assert sorted(found) == [
+        "wandb: expected a mapping, got 3",
+        "watch[0].patterns: expected a list, got '*.pt'",
+    ]
+    config = load_config(write(tmp_path, "watch: [{path: x}]\nmetrics: null\n"))
+    assert config.metrics.address is None

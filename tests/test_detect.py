@@ -83,7 +83,7 @@ def test_rewrite_after_rename_falls_back_to_settle(root: Path, tmp_path: Path) -
     path.write_bytes(zip_bytes(tmp_path))
     set_mtime(path, T0)
     detector.hint(path, T0, moved_in=True)
-    detector.hint(path, T0)  # a later modification of the same file
+    detector.hint(path, T0, written=True)  # a later write to the same file
     assert detector.poll(T0) == []
 
 
@@ -111,8 +111,9 @@ def test_scan_finds_old_files_and_they_are_settled(root: Path, tmp_path: Path) -
 
 
 def test_sidecar_is_waited_for_then_read(root: Path, tmp_path: Path) -> None:
-    """A finished checkpoint waits up to sidecar.wait for its metrics, then uses them."""
-    detector = Detector(watch(root, sidecar={"wait": 30}))
+    """With `sidecar.expect: always`, a finished checkpoint waits up to sidecar.wait for its
+    metrics, then uses them."""
+    detector = Detector(watch(root, sidecar={"wait": 30, "expect": "always"}))
     path = root / "ckpt_7.pt"
     path.write_bytes(zip_bytes(tmp_path))
     set_mtime(path, T0 - 60)
@@ -129,7 +130,7 @@ def test_sidecar_is_waited_for_then_read(root: Path, tmp_path: Path) -> None:
 
 def test_sidecar_never_arriving_publishes_without_metrics(root: Path, tmp_path: Path) -> None:
     """After sidecar.wait the checkpoint goes ahead with what its name says."""
-    detector = Detector(watch(root, sidecar={"wait": 30}))
+    detector = Detector(watch(root, sidecar={"wait": 30, "expect": "always"}))
     path = root / "ckpt_9.pt"
     path.write_bytes(zip_bytes(tmp_path))
     set_mtime(path, T0 - 60)
@@ -138,6 +139,41 @@ def test_sidecar_never_arriving_publishes_without_metrics(root: Path, tmp_path: 
     assert detector.poll(T0 + 29) == []
     (ready,) = detector.poll(T0 + 30.5)
     assert ready.info.step == 9 and ready.info.metrics == {}
+
+
+def test_no_sidecar_wait_where_none_is_expected(root: Path, tmp_path: Path) -> None:
+    """`expect: auto`: an entry that never had a sidecar, whose names give the step, does
+    not wait for one; once a sidecar shows up, later checkpoints wait for theirs."""
+    detector = Detector(watch(root, sidecar={"wait": 30}))
+    first = root / "ckpt_1.pt"
+    first.write_bytes(zip_bytes(tmp_path))
+    set_mtime(first, T0 - 60)
+    detector.scan(T0)
+    (ready,) = detector.poll(T0)
+    assert ready.info.step == 1
+    detector.mark_done(ready)
+    sidecar.write(root / "ckpt_0.pt", step=0, metrics={"val_loss": 1.0})
+    detector.hint(root / "ckpt_0.pt.metrics.json", T0 + 1)
+    second = root / "ckpt_2.pt"
+    second.write_bytes(zip_bytes(tmp_path))
+    set_mtime(second, T0 - 60)
+    detector.hint(second, T0 + 1, moved_in=True)
+    assert detector.poll(T0 + 1) == []
+    assert "sidecar" in detector.pending()[second]
+
+
+def test_a_name_without_a_step_waits_for_its_sidecar(root: Path, tmp_path: Path) -> None:
+    """`expect: auto` waits where nothing but a sidecar can give the step (`last.pt`)."""
+    detector = Detector(watch(root, sidecar={"wait": 30}))
+    path = root / "last.pt"
+    path.write_bytes(zip_bytes(tmp_path))
+    set_mtime(path, T0 - 60)
+    detector.scan(T0)
+    assert detector.poll(T0) == []
+    sidecar.write(path, step=40, metrics={})
+    detector.hint(path.with_name("last.pt.metrics.json"), T0 + 1)
+    (ready,) = detector.poll(T0 + 1)
+    assert ready.info.step == 40
 
 
 def test_malformed_sidecar_is_logged_with_its_path(

@@ -524,3 +524,31 @@ def test_gc_command_prints_the_local_plan_and_acts_only_without_dry_run(tmp_path
     assert acted.returncode == 0, acted.stderr
     assert "deleted 2 of 2 planned" in acted.stdout
     assert [(ck / f"ckpt_{s}.pt").exists() for s in (1, 2, 3)] == [False, False, True]
+
+
+def test_a_config_without_retention_deletes_no_version(
+    tmp_path: Path,
+    wandb_server: FakeWandbServer,
+    online_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """No `retention` section, online: eight checkpoints leave eight versions on W&B and no
+    deletion in the journal (destroying versions is something a config must ask for)."""
+    (tmp_path / "ck").mkdir()
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        f'wandb: {{mode: online, project: retention, base_url: "{wandb_server.url}"}}\n'
+        "metrics: {listen: null}\n"
+        f"watch: [{{path: {tmp_path / 'ck'}, settle: 1s, sidecar: {{wait: 10s}}}}]\n"
+    )
+    daemon = start_daemon("--config", str(config), env=online_env)
+    daemon.wait_for_log("ckptd started")
+    for step in range(1, 9):
+        write_checkpoint(tmp_path / "ck", step)
+    wait_until(lambda: daemon.log().count("published ") == 8, 120, "eight publishes")
+    assert daemon.stop() == 0, daemon.log()
+    assert sorted(live(wandb_server)) == list(range(1, 9))
+    with Journal(tmp_path / "state").open(exclusive=False) as journal:
+        assert journal.deletions() == []
+    assert "retention deleted" not in daemon.log()

@@ -204,3 +204,27 @@ def test_write_honours_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
     finally:
         os.umask(previous)
     assert stat.S_IMODE(written.stat().st_mode) == mode
+
+
+def test_the_helper_works_copied_alone_into_a_training_environment(tmp_path: Path) -> None:
+    """A training environment that must not install ckptd (nor its pinned wandb) can copy
+    ckptd/sidecar.py beside its script: `write` needs nothing but the standard library."""
+    import shutil
+    import subprocess
+    import sys
+
+    import ckptd.sidecar
+
+    job = tmp_path / "job"
+    job.mkdir()
+    shutil.copy(ckptd.sidecar.__file__, job / "ckptd_sidecar.py")
+    script = (
+        "import sys; sys.modules['ckptd'] = None  # ckptd is not installed here\n"
+        "import ckptd_sidecar\n"
+        "ckptd_sidecar.write('ckpt_7.pt', step=7, metrics={'val_loss': 0.5})\n"
+    )
+    subprocess.run([sys.executable, "-E", "-s", "-c", script], cwd=job, check=True, timeout=60)
+    assert json.loads((job / "ckpt_7.pt.metrics.json").read_text()) == {
+        "step": 7,
+        "metrics": {"val_loss": 0.5},
+    }

@@ -51,6 +51,9 @@ def test_a_long_copy_does_not_hold_up_a_checkpoint_that_links(
     log = daemon.log()
     assert log.index(f"{fast / 'small.bin'} (step") < log.index(f"{slow / 'big.bin'} (step"), log
     assert "copying checkpoints instead" in log
+    # The detector's hold says which of the reasons a link is impossible here.
+    assert f"cannot hard-link checkpoints from {slow}" in log
+    assert "(state_dir is on another filesystem than the checkpoints)" in log
     assert daemon.stop() == 0, log
 
     published = {a.name: a for a in artifacts(state / "wandb")}

@@ -84,7 +84,10 @@ class Verdict:
     to publish, as stat'ed during the check. `signals`: files outside the unit that told
     the format it may be finished (a tracker such as Megatron's, named relative to the
     root), as stat'ed during the check: never published, but a change to one restarts the
-    settle window like a change to `files` does.
+    settle window like a change to `files` does. `unrecognised`: no format knows the unit's
+    layout (the detector reports it once it stays so). `conclusive`: `ready` proves every
+    file is written once each is closed after its last write (inotify's evidence may then
+    end the settle window early); False where the rule can pass while files still land.
     """
 
     ready: bool
@@ -92,6 +95,8 @@ class Verdict:
     committed: bool = False
     files: tuple[FileState, ...] = ()
     signals: tuple[FileState, ...] = ()
+    unrecognised: bool = False
+    conclusive: bool = True
 
 
 class CheckpointFormat(ABC):

@@ -90,7 +90,7 @@ class AutoFormat(CheckpointFormat):
         if fmt is None:
             if not unit.exists():
                 raise FileNotFoundError(unit)
-            return Verdict(False, "not a checkpoint layout ckptd recognises")
+            return Verdict(False, "not a checkpoint layout ckptd recognises", unrecognised=True)
         verdict = fmt.check(unit)
         if verdict.ready or not verdict.reason:
             return verdict

@@ -90,6 +90,10 @@ class DeepSpeedFormat(DirectoryFormat):
     def trackers(self, unit: Path) -> tuple[Path, ...]:
         return (unit.parent / TRACKER,)
 
+    def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
+        """Only with the tracker: a save without `latest` is judged by structure and settle."""
+        return (unit.parent / TRACKER).exists()
+
     def judge(self, unit: Path, files: tuple[FileState, ...]) -> tuple[str | None, bool]:
         problem = deepspeed_problem(unit, direct_files(files), self.memo)
         if problem is not None:

@@ -194,6 +194,10 @@ class DirectoryFormat(CheckpointFormat):
         """Files outside `unit` whose writes say it may be finished (see Verdict.signals)."""
         return ()
 
+    def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
+        """Whether passing `judge` proves the unit complete (see Verdict.conclusive)."""
+        return True
+
     def unit_for(self, root: Path, path: Path) -> Path | None:
         located = top_entry(root, path)
         if located is None:
@@ -220,7 +224,10 @@ class DirectoryFormat(CheckpointFormat):
             if not unit.is_dir():
                 raise
             problem, committed = "files changed while they were checked", False
-        return Verdict(problem is None, problem or "", committed, files, signals)
+        conclusive = problem is None and self.conclusive(unit, files)
+        return Verdict(
+            problem is None, problem or "", committed, files, signals, conclusive=conclusive
+        )
 
     def _problem(
         self, unit: Path, files: tuple[FileState, ...], listed: str | None

@@ -41,6 +41,10 @@ class MegatronFormat(DirectoryFormat):
         # Tokenizer assets land after the tracker: the settle window counts from its write.
         return (unit.parent / TRACKER,)
 
+    def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
+        """Never: tokenizer assets land in `iter_*/` after the tracker (settle decides)."""
+        return False
+
     def judge(self, unit: Path, files: tuple[FileState, ...]) -> tuple[str | None, bool]:
         problem = _tracker_problem(unit)
         if problem is not None:

@@ -52,6 +52,11 @@ class OrbaxFormat(DirectoryFormat):
             return None, False
         return f"no {_COMMIT} yet", False
 
+    def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
+        """Only the commit file proves an in-place save complete; a commit timestamp alone
+        is followed by commit_success.txt on the commit-file path."""
+        return _COMMIT in direct_files(files)
+
     def info(self, unit: Path) -> CheckpointInfo:
         """The step in the name and the metrics of `metrics/metrics` (else the metrics
         recorded in `_CHECKPOINT_METADATA`)."""

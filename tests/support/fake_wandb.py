@@ -274,6 +274,7 @@ class _StorageObject:
     parts: dict[int, tuple[Path, str]] = field(default_factory=dict)  # n -> (path, etag)
     part_sizes: dict[int, int] = field(default_factory=dict)  # n -> bytes (discarded parts)
     discarded: bool = False  # bytes were hashed and dropped (``discard_uploads``)
+    manifest: dict[str, Any] | None = None  # a patch manifest's parsed contents, once uploaded
 
     @property
     def uploaded(self) -> bool:
@@ -327,6 +328,8 @@ class _Version:
     manifest: dict[str, Any] | None = None
     links: list[tuple[str, str, str]] = field(default_factory=list)  # registry (e, p, name)
     output_runs: list[str] = field(default_factory=list)  # run ids, creator first
+    distributed_id: str | None = None  # one PENDING version per id, merged from patches
+    patches: list[_StorageObject] = field(default_factory=list)  # PATCH manifests, in order
 
     @property
     def version(self) -> str:
@@ -1229,6 +1232,7 @@ class FakeWandbServer:
         digest = str(inp.get("digest") or "")
 
         client_id = inp.get("clientID")
+        distributed_id = inp.get("distributedID") or None
         retried = next(
             (v for v in collection.live() if client_id and v.client_id == client_id), None
         )
@@ -1236,9 +1240,22 @@ class FakeWandbServer:
             (v for v in collection.live() if v.state == "COMMITTED" and v.digest == digest),
             None,
         )
+        shared = next(
+            (v for v in collection.live() if distributed_id and v.distributed_id == distributed_id),
+            None,
+        )
         if retried is not None:
             version = retried  # the client retried a request whose answer it never got
-        elif existing is not None and inp.get("enableDigestDeduplication", True):
+        elif shared is not None:
+            # Every participant of a distributed artifact gets the one version of its id:
+            # PENDING until the finisher commits, COMMITTED after (the client then skips it).
+            version = shared
+            version.metadata.update(_parse_json_object(inp.get("metadata")))
+        elif (
+            existing is not None
+            and distributed_id is None
+            and inp.get("enableDigestDeduplication", True)
+        ):
             version = existing
         else:
             version = _Version(
@@ -1255,6 +1272,7 @@ class FakeWandbServer:
                 run=inp.get("runName"),
                 history_step=inp.get("historyStep"),
                 client_id=client_id,
+                distributed_id=distributed_id,
             )
             collection.versions.append(version)
             state.versions_by_id[version.id] = version
@@ -1266,8 +1284,8 @@ class FakeWandbServer:
         run_name = inp.get("runName")
         if run_name and run_name not in version.output_runs:
             version.output_runs.append(run_name)
-        if self.aliases_on_commit and version.state == "PENDING":
-            version.pending_aliases.update(aliases)
+        if (self.aliases_on_commit or version.distributed_id) and version.state == "PENDING":
+            version.pending_aliases.update(aliases)  # a distributed version's land at commit
         else:
             for alias in aliases:
                 state.set_alias(version, alias)
@@ -1294,11 +1312,37 @@ class FakeWandbServer:
     def _op_create_artifact_manifest(self, variables: Json, query: str) -> Json:
         inp = variables.get("input") or variables
         version = self._state.version(inp.get("artifactID"))
+        if inp.get("manifestType") == "PATCH":
+            # One participant's part of a distributed artifact: a manifest object of its own,
+            # merged into the version's manifest at commit; none once it is committed.
+            if version.state != "PENDING":
+                raise GraphQLError(f"artifact {version.id} is {version.state}: no more patches")
+            patch = self._new_object("manifest", version.collection.entity)
+            version.patches.append(patch)
+            file_json: Json = {"id": patch.file_id}
+            if variables.get("includeUpload", True):
+                file_json.update(uploadUrl=self._storage_url(patch), uploadHeaders=[])
+            return {
+                "createArtifactManifest": {"artifactManifest": {"id": patch.id, "file": file_json}}
+            }
         answer = self._manifest_answer(version, inp.get("digest"), variables)
         return {"createArtifactManifest": answer}
 
     def _op_update_artifact_manifest(self, variables: Json, query: str) -> Json:
         obj_id = variables.get("artifactManifestID") or ""
+        for v in self._state.versions_by_id.values():
+            patch = next((p for p in v.patches if p.id == obj_id), None)
+            if patch is not None:
+                if v.state != "PENDING":
+                    raise GraphQLError(f"artifact {v.id} is {v.state}: no more patches")
+                file_json: Json = {"id": patch.file_id}
+                if variables.get("includeUpload", True):
+                    file_json.update(uploadUrl=self._storage_url(patch), uploadHeaders=[])
+                return {
+                    "updateArtifactManifest": {
+                        "artifactManifest": {"id": patch.id, "file": file_json}
+                    }
+                }
         version = next(
             (
                 v
@@ -1408,9 +1452,13 @@ class FakeWandbServer:
     def _op_commit_artifact(self, variables: Json, query: str) -> Json:
         state = self._state
         version = state.version(variables.get("artifactID"))
+        if version.state == "PENDING" and version.distributed_id is not None:
+            version.manifest = _merge_patches(version.patches)  # what has arrived, no more
         if version.state == "PENDING":
             manifest_obj = version.manifest_object
-            if manifest_obj is None or version.manifest is None:
+            if version.distributed_id is None and manifest_obj is None:
+                raise GraphQLError(f"commitArtifact: artifact {version.id} has no manifest")
+            if version.manifest is None:
                 raise GraphQLError(f"commitArtifact: artifact {version.id} has no manifest")
             entity = version.collection.entity
             for name, entry in version.manifest_entries().items():
@@ -1791,6 +1839,7 @@ class FakeWandbServer:
                 manifest = json.loads(obj.path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 manifest = None
+            obj.manifest = manifest if isinstance(manifest, dict) else None
             for version in self._state.versions_by_id.values():
                 if version.manifest_object is obj:
                     version.manifest = manifest if isinstance(manifest, dict) else None
@@ -1814,6 +1863,22 @@ class FakeWandbServer:
                 run.file_stream_posts += 1
                 if isinstance(payload, dict) and payload.get("complete"):
                     run.complete = True
+
+
+def _merge_patches(patches: list[_StorageObject]) -> dict[str, Any]:
+    """A distributed version's manifest: the contents of every uploaded patch, in order (a
+    later patch's entry for the same name wins). A patch whose upload never finished adds
+    nothing: the version then lacks those files, as W&B would store it."""
+    merged: dict[str, Any] = {}
+    base: dict[str, Any] = {}
+    for patch in patches:
+        if patch.manifest is None:
+            continue
+        base = base or {k: v for k, v in patch.manifest.items() if k != "contents"}
+        contents = patch.manifest.get("contents")
+        if isinstance(contents, dict):
+            merged.update(contents)
+    return {**(base or {"version": 1}), "contents": merged}
 
 
 def _discard_parts(obj: _StorageObject) -> None:
