@@ -239,7 +239,7 @@ class Service:
 
     def _drain(self, deadline: float) -> None:
         """Run the coordinator without detection until nothing queued is left or `deadline`."""
-        queued = self.journal.count(("ready", "hashed"))
+        queued = len(self._queued_rows())  # parked collections wait for their cause
         if queued or self._busy():
             log.info("stopping: publishing %d queued checkpoint(s) first, up to %.0fs",
                      queued, deadline - self.clock())  # fmt: skip

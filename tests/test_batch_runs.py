@@ -78,3 +78,26 @@ def test_batch_failures_name_losses_of_this_run_only(tmp_path: Path) -> None:
         "other is parked: 403 forbidden",
         "/ck/a.pt (model): dropped, cannot be read: EACCES",
     ]
+
+
+def test_until_file_run_against_an_unreachable_server_ends_at_its_deadline(
+    tmp_path: Path, online_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """The Kubernetes Job's mode: once the done marker exists, `--until-file` exits 1 by its
+    `--deadline` although W&B cannot be reached, naming the checkpoint it could not publish."""
+    (tmp_path / "ck").mkdir()
+    renamed_in(tmp_path / "ck", "ckpt_5.pt", 3000, step=5, metrics={"loss": 1.0})
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(CONFIG.format(url=f"http://127.0.0.1:{unused_port()}"))
+    done = tmp_path / "done"
+    daemon = start_daemon(
+        "--config", str(config), "--until-file", str(done), "--deadline", "5s", env=online_env
+    )
+    daemon.wait_for_log("ckpt_5.pt (step 5) queued")
+    done.touch()
+    daemon.wait_for_log("publishing what is left, then exiting")
+    began = time.monotonic()
+    assert daemon.proc.wait(60) == 1, daemon.log()
+    assert time.monotonic() - began < 5 + 10
+    (line,) = [x for x in daemon.log().splitlines() if "not published:" in x]
+    assert "ckpt_5.pt (step 5): not published yet" in line
