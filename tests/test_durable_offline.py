@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from tests.conftest import Daemon, ckptd_status
 from tests.support.checkpoints import renamed_in
+from tests.support.fake_wandb import FakeWandbServer
 from tests.support.wandb_offline import artifacts, find_run_files
 
 CONFIG = """\
@@ -103,6 +106,27 @@ def test_kill_9_then_restart_leaves_one_record_per_checkpoint(
     }
     assert "nothing is left to publish" in again.log().splitlines()[-1]
     assert "3 published, 0 pending" in ckptd_status(config, wandb_env)
+    # No run directory is left without records: `wandb sync` of one fails and, given
+    # several, then uploads none of the others.
+    runs = find_run_files(tmp_path / "state" / "wandb")
+    assert runs and all(artifacts(run) for run in runs), runs
+    assert sync_all(tmp_path, wandb_env) == [1, 2, 3]
+
+
+def sync_all(tmp_path: Path, wandb_env: dict[str, str]) -> list[int]:
+    """`wandb sync state/wandb/offline-run-*` (the README's one command) to a loopback server;
+    the steps of the versions it committed."""
+    runs = sorted(str(p) for p in (tmp_path / "state" / "wandb").glob("offline-run-*"))
+    with FakeWandbServer(storage_dir=tmp_path / "server") as server:
+        env = {**wandb_env, **server.env(tmp_path / "sync-env")}
+        sync = subprocess.run(
+            [str(Path(sys.executable).parent / "wandb"), "sync", *runs],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        versions = server.versions("demo-model", "durable")
+    assert all(v.state == "COMMITTED" for v in versions)
+    return sorted(v.metadata["step"] for v in versions)
 
 
 def test_wandb_core_killed_under_a_live_ckptd_is_replaced(
@@ -127,7 +151,8 @@ def test_restarts_resume_one_offline_run_per_collection(
     tmp_path: Path, config: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
 ) -> None:
     """Four starts of ckptd, each publishing a checkpoint, log into one offline run (one run
-    id) for the collection rather than four, and each version is recorded once."""
+    id) for the collection rather than four, each version is recorded once, and one
+    `wandb sync` command uploads all four."""
     for step in range(1, 5):
         write(tmp_path, step, 1.0 / step)
         daemon = start_daemon("--config", str(config), "--once", env=wandb_env)
@@ -135,3 +160,4 @@ def test_restarts_resume_one_offline_run_per_collection(
     run_ids = {path.name for path in find_run_files(tmp_path / "state" / "wandb")}
     assert len(run_ids) == 1, run_ids
     assert records_by_step(tmp_path) == {1: 1, 2: 1, 3: 1, 4: 1}
+    assert sync_all(tmp_path, wandb_env) == [1, 2, 3, 4]  # one command uploads them all

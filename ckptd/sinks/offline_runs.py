@@ -33,6 +33,7 @@ from ckptd.sinks import SinkFile
 
 __all__ = [
     "RecordedArtifact",
+    "discard_empty_runs",
     "keep_for_sync",
     "recorded_artifacts",
     "recorded_keys",
@@ -100,6 +101,23 @@ def recorded_keys(wandb_dir: Path, collection: str | None = None) -> set[str]:
         if (collection is None or art.name == collection)
         and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
     }
+
+
+def discard_empty_runs(wandb_dir: Path) -> list[Path]:
+    """Delete the offline run directories whose run file holds no whole record (a run that
+    wandb-core lost before writing anything); return them. `wandb sync` of such a run fails
+    ("didn't find run info") and, given several runs, then silently uploads none of the
+    others. Call it only while no run of this state_dir is open."""
+    discarded = []
+    for path in run_files(wandb_dir):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if next(_payloads(data, path), None) is None:
+            shutil.rmtree(path.parent, ignore_errors=True)
+            discarded.append(path.parent)
+    return discarded
 
 
 def run_files(wandb_dir: Path) -> list[Path]:

@@ -92,6 +92,7 @@ class WandbSink:
         self._lost: dict[str, list[PublishRequest]] = {}
         self._keys_at_start: set[str] | None = None
         self._generation = 0  # bumped each time wandb-core is replaced; under _lock
+        self._swept = False  # empty offline runs of earlier processes removed; under _INIT_LOCK
 
     # -- the Sink contract ---------------------------------------------------------------
 
@@ -371,6 +372,10 @@ class WandbSink:
         # restarting ckptd daily does not collect a run per day.
         run_id = None if self.online else offline_runs.run_id(self._wandb_dir, collection)
         with _INIT_LOCK:
+            if not self.online and not self._swept:
+                self._swept = True  # before this process opens any run
+                for empty in offline_runs.discard_empty_runs(self._wandb_dir):
+                    log.info("removed %s: W&B lost that run before writing a record", empty)
             run = wandb.init(
                 project=self.config.wandb.project,
                 entity=self.config.wandb.entity,
