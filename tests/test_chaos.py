@@ -10,6 +10,8 @@ import hashlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -148,7 +150,8 @@ def test_kill_9_offline_loses_nothing_and_duplicates_nothing(
 ) -> None:
     """Offline, 30 checkpoints, random SIGKILLs of ckptd (and, one time in three, of its
     wandb-core first): every .wandb file under the state dir together holds exactly one
-    artifact record per checkpoint, with the source's md5 and its step alias."""
+    artifact record per checkpoint, with the source's md5 and its step alias, and `wandb
+    sync` of every run directory uploads each checkpoint exactly once."""
     seed = int(os.environ.get("CKPTD_CHAOS_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     root = tmp_path / "ck"
@@ -188,6 +191,16 @@ def test_kill_9_offline_loses_nothing_and_duplicates_nothing(
         assert record.entries[name][0] == base64.b64encode(source).decode(), f"seed {seed}"
         assert f"step-{record.metadata['step']}" in record.aliases, f"seed {seed}"
     assert kills >= 3, f"only {kills} kills happened (seed {seed})"
+    runs = sorted(str(p) for p in (tmp_path / "state" / "wandb").glob("offline-run-*"))
+    with FakeWandbServer(storage_dir=tmp_path / "server") as server:  # what `wandb sync` uploads
+        env = {**wandb_env, **server.env(tmp_path / "sync-env")}
+        sync = subprocess.run(
+            [str(Path(sys.executable).parent / "wandb"), "sync", *runs],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        synced = sorted(v.metadata["step"] for v in server.versions("model", "chaos"))
+    assert synced == list(range(1, CHECKPOINTS + 1)), f"seed {seed}: {synced}"
 
 
 def _children(pid: int) -> list[int]:
