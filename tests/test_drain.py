@@ -3,6 +3,7 @@ and published (in step order) before ckptd exits, within upload.shutdown_timeout
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,3 +80,29 @@ def test_sigterm_publishes_three_queued_300mb_checkpoints_before_exiting(
             assert [v.state for v in found] == ["COMMITTED"] * 3
             digests = {n: e["digest"] for v in found for n, e in v.manifest["contents"].items()}
         assert digests == md5s
+
+
+def test_what_cannot_finish_in_time_is_named_in_the_last_line(
+    tmp_path: Path, online_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """W&B unreachable, shutdown_timeout 3s: SIGTERM ends ckptd soon after 3s, exit 0, and
+    its last log line names the checkpoint left for the next start."""
+    (tmp_path / "ck").mkdir()
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        CONFIG.format(mode="online", base_url=f', base_url: "http://127.0.0.1:{port}"', timeout=3)
+    )
+    daemon = start_daemon("--config", str(config), env=online_env)
+    daemon.wait_for_log("ckptd started")
+    sparse_renamed_in(tmp_path / "ck", "big_7.bin", 1 << 20)
+    daemon.wait_for_log("big_7.bin (step 7) queued")
+    began = time.monotonic()
+    daemon.proc.terminate()
+    assert daemon.proc.wait(30) == 0, daemon.log()
+    assert time.monotonic() - began < 3 + 10
+    last = daemon.log().splitlines()[-1]
+    assert "1 checkpoint(s) left for the next start" in last
+    assert "big_7.bin (step 7): not published yet" in last
