@@ -290,8 +290,13 @@ class WandbSink:
             return
         on_disk = offline_runs.recorded_keys(self._wandb_dir, collection)
         again = [r for r in lost if r.key not in on_disk]
-        for request in again:
-            self._log(run, request)
+        for index, request in enumerate(again):
+            try:
+                self._log(run, request)
+            except Exception:
+                with self._lock:  # kept for the next run; the journal keeps them too
+                    self._lost.setdefault(collection, [])[:0] = again[index:]
+                raise
         log.info("%s: logged %d version(s) again that W&B's dead run had not written",
                  collection, len(again))  # fmt: skip
 
