@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -29,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import snapshot
-from ckptd.sinks import SinkFile
+from ckptd.sinks import PublishRequest, SinkFile
 
 __all__ = [
+    "OfflineLedger",
     "RecordedArtifact",
     "discard_empty_runs",
     "keep_for_sync",
@@ -58,6 +60,61 @@ class RecordedArtifact:
     aliases: tuple[str, ...]
     metadata: dict[str, Any]
     run_file: Path
+
+
+class OfflineLedger:
+    """One process's account of its offline runs: what each collection's current run was
+    given and may not have written yet, what died with a wandb-core (to be logged again
+    into the next run), and which versions earlier processes' run files hold. Thread-safe."""
+
+    def __init__(self, wandb_dir: Path) -> None:
+        self.wandb_dir = wandb_dir
+        self._lock = threading.Lock()
+        self._logged: dict[str, list[PublishRequest]] = {}  # under _lock
+        self._lost: dict[str, list[PublishRequest]] = {}  # under _lock
+        self._at_start: set[str] | None = None  # under _lock
+        self._swept = False  # under _lock
+
+    def recorded_before(self, key: str | None) -> bool:
+        """Was `key` in the run files when this process first looked (logged by an earlier
+        ckptd that died before its journal said so)?"""
+        with self._lock:
+            if self._at_start is None:
+                self._at_start = recorded_keys(self.wandb_dir)
+            return key in self._at_start
+
+    def sweep_once(self) -> list[Path]:
+        """The first time only, before this process opens a run: `discard_empty_runs`."""
+        with self._lock:
+            if self._swept:
+                return []
+            self._swept = True
+        return discard_empty_runs(self.wandb_dir)
+
+    def logged(self, request: PublishRequest) -> None:
+        with self._lock:
+            self._logged.setdefault(request.collection, []).append(request)
+
+    def runs_lost(self) -> None:
+        """wandb-core died: whatever its runs were given may never have been written."""
+        with self._lock:
+            for collection, requests in self._logged.items():
+                self._lost.setdefault(collection, []).extend(requests)
+            self._logged = {}
+
+    def take_lost(self, collection: str) -> list[PublishRequest]:
+        """The versions a dead run of `collection` was given and did not write, now taken
+        (`give_back` what then cannot be logged)."""
+        with self._lock:
+            lost = self._lost.pop(collection, [])
+        if not lost:
+            return []
+        on_disk = recorded_keys(self.wandb_dir, collection)
+        return [r for r in lost if r.key not in on_disk]
+
+    def give_back(self, collection: str, requests: list[PublishRequest]) -> None:
+        with self._lock:
+            self._lost.setdefault(collection, [])[:0] = requests
 
 
 def run_id(wandb_dir: Path, collection: str) -> str:

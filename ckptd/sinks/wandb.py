@@ -85,14 +85,8 @@ class WandbSink:
         self._lock = threading.Lock()
         self._api: Any = None
         self._lineage_skipped: set[str] = set()  # run paths told about offline; under _lock
-        # Offline: what each collection's current run was given and may not have written yet,
-        # and what a run lost with its wandb-core (logged again into the next run); keys
-        # found in the run files at first use. All under _lock.
-        self._logged: dict[str, list[PublishRequest]] = {}
-        self._lost: dict[str, list[PublishRequest]] = {}
-        self._keys_at_start: set[str] | None = None
+        self._offline = offline_runs.OfflineLedger(config.state_dir / "wandb")
         self._generation = 0  # bumped each time wandb-core is replaced; under _lock
-        self._swept = False  # empty offline runs of earlier processes removed; under _INIT_LOCK
 
     # -- the Sink contract ---------------------------------------------------------------
 
@@ -110,7 +104,7 @@ class WandbSink:
     def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
         if self.online:
             return set(keys)
-        return set(keys) & offline_runs.recorded_keys(self._wandb_dir, collection)
+        return set(keys) & offline_runs.recorded_keys(self._offline.wandb_dir, collection)
 
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
         if not self.online:
@@ -212,7 +206,7 @@ class WandbSink:
     # -- internals -------------------------------------------------------------------------
 
     def _publish(self, request: PublishRequest) -> PublishedVersion:
-        if not self.online and request.key in self._keys_found_at_start():
+        if not self.online and self._offline.recorded_before(request.key):
             # Logged by an earlier ckptd that died before its journal said so: not twice.
             return PublishedVersion(version=None, committed=True)
         run = self._run(request.collection)
@@ -245,21 +239,10 @@ class WandbSink:
             artifact.ttl = timedelta(seconds=request.ttl)
         logged = run.log_artifact(artifact, aliases=list(request.aliases))
         if not self.online:
-            with self._lock:
-                self._logged.setdefault(request.collection, []).append(request)
+            self._offline.logged(request)
         return logged
 
     # -- offline durability ----------------------------------------------------------------
-
-    @property
-    def _wandb_dir(self) -> Path:
-        return self.config.state_dir / "wandb"
-
-    def _keys_found_at_start(self) -> set[str]:
-        with self._lock:
-            if self._keys_at_start is None:
-                self._keys_at_start = offline_runs.recorded_keys(self._wandb_dir)
-            return self._keys_at_start
 
     def _replace_service(self, generation: int) -> None:
         """wandb-core died (killed, OOM): every run of this process died with it and lost
@@ -272,9 +255,7 @@ class WandbSink:
                 return  # another thread replaced it already
             self._generation += 1
             self._runs = {}
-            for collection, requests in self._logged.items():
-                self._lost.setdefault(collection, []).extend(requests)
-            self._logged = {}
+        self._offline.runs_lost()
         log.warning("W&B's wandb-core process is gone; starting a new one for the next publish")
         with _INIT_LOCK:
             try:
@@ -284,18 +265,14 @@ class WandbSink:
 
     def _log_lost_again(self, collection: str, run: Any) -> None:
         """Log into `run` each version a dead run of `collection` had not written."""
-        with self._lock:
-            lost = self._lost.pop(collection, [])
-        if not lost:
+        again = self._offline.take_lost(collection)
+        if not again:
             return
-        on_disk = offline_runs.recorded_keys(self._wandb_dir, collection)
-        again = [r for r in lost if r.key not in on_disk]
         for index, request in enumerate(again):
             try:
                 self._log(run, request)
             except Exception:
-                with self._lock:  # kept for the next run; the journal keeps them too
-                    self._lost.setdefault(collection, [])[:0] = again[index:]
+                self._offline.give_back(collection, again[index:])  # for the next run
                 raise
         log.info("%s: logged %d version(s) again that W&B's dead run had not written",
                  collection, len(again))  # fmt: skip
@@ -375,12 +352,10 @@ class WandbSink:
         state_dir.mkdir(parents=True, exist_ok=True)
         # Offline, each collection keeps one run across restarts (resumed), so that a host
         # restarting ckptd daily does not collect a run per day.
-        run_id = None if self.online else offline_runs.run_id(self._wandb_dir, collection)
+        run_id = None if self.online else offline_runs.run_id(self._offline.wandb_dir, collection)
         with _INIT_LOCK:
-            if not self.online and not self._swept:
-                self._swept = True  # before this process opens any run
-                for empty in offline_runs.discard_empty_runs(self._wandb_dir):
-                    log.info("removed %s: W&B lost that run before writing a record", empty)
+            for empty in [] if self.online else self._offline.sweep_once():
+                log.info("removed %s: W&B lost that run before writing a record", empty)
             run = wandb.init(
                 project=self.config.wandb.project,
                 entity=self.config.wandb.entity,
