@@ -27,6 +27,7 @@ __all__ = ["main"]
 log = logging.getLogger("ckptd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_DEADLINE = "5m"
 _COMMANDS = ("run", "check", "status", "restore", "gc")
 
 
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         "--until-file", type=Path, metavar="FILE", default=None,
         help="run until FILE exists (e.g. a training job's done marker), then publish what "
         "is left and exit as --once does",
+    )  # fmt: skip
+    run.add_argument(
+        "--deadline", type=_duration_arg, metavar="DURATION", default=DEFAULT_DEADLINE,
+        help="with --once or --until-file: exit at the latest this long after the batch began "
+        "or after the last checkpoint it queued, whichever is later (default "
+        f"{DEFAULT_DEADLINE}); exit 1 naming each checkpoint not published, which the "
+        "journal keeps for a later start",
     )  # fmt: skip
     check = commands.add_parser("check", help="validate the config; exit 0 or print errors, exit 2")
     config_arg(check)
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return _gc(config, dry_run=args.dry_run)
         if args.command == "restore":
             return _restore(config, args)
-        return _run(config, once=args.once, until_file=args.until_file)
+        return _run(config, once=args.once, until_file=args.until_file, deadline=args.deadline)
     except CkptdError as exc:
         # A path such as api_key_file: "${WANDB_API_KEY}" puts a secret into messages.
         (message,) = mask_secrets([str(exc)], os.environ)
@@ -106,7 +114,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def _run(config: Config, *, once: bool, until_file: Path | None = None) -> int:
+def _duration_arg(text: str) -> float:
+    from ckptd.config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return seconds
+
+
+def _run(
+    config: Config, *, once: bool, until_file: Path | None = None, deadline: float = 300.0
+) -> int:
     from ckptd.logs import setup_logging
     from ckptd.priority import lower_priority
     from ckptd.service import Service
@@ -136,23 +158,31 @@ def _run(config: Config, *, once: bool, until_file: Path | None = None) -> int:
 
     service = Service(config, lambda c: WandbSink(c, api_key))
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    batch = False
     try:
         service.start()
-        if stop.is_set():
-            return EXIT_OK
-        succeeded = service.run(stop, once=once, until_file=until_file)
-        finishing = once or (until_file is not None and not stop.is_set())
-        if finishing and not succeeded:
-            for problem in service.problems():
-                log.error("not published: %s", problem)
-            return EXIT_FAILURE
+        if not stop.is_set():
+            service.run(stop, once=once, until_file=until_file, deadline=deadline)
+        batch = once or (until_file is not None and not stop.is_set())
         if stop.is_set():
             log.info("signal received: stopping (a second signal aborts at once)")
-        return EXIT_OK
     finally:
-        service.shutdown()
+        # A batch run that returned has published all it could before its deadline; a
+        # signal (or an error) drains the queue up to upload.shutdown_timeout first.
+        service.shutdown(drain=not batch)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    code = EXIT_OK
+    if batch and service.unpublished:
+        for problem in service.unpublished:
+            log.error("not published: %s", problem)
+        code = EXIT_FAILURE
+    if service.abandoned:
+        # A publish still inside the SDK's own retries (an unreachable server) would hold
+        # the interpreter's exit for minutes; its row stays queued in the journal.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _check(config: Config, source: Path) -> int:
@@ -190,9 +220,11 @@ def _status(config: Config) -> int:
         counts = Counter(r.state for r in mine)
         published = [r for r in mine if r.state in ("published", "aliased")]
         last = max(published, key=lambda r: r.updated_at, default=None)
+        unconfirmed = sum(not r.durable for r in published)
         print(
-            f"{collection}: {counts['aliased'] + counts['published']} published, "
-            f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
+            f"{collection}: {len(published) - unconfirmed} published, "
+            + (f"{unconfirmed} logged offline but unconfirmed, " if unconfirmed else "")
+            + f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
             f"{counts['superseded']} superseded, {sum(d.collection == collection for d in drops)} "
             "dropped" + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
         )

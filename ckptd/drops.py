@@ -33,10 +33,11 @@ REASONS = {
     "invalid": "values that cannot be published",
     "crashed": "ckptd failed on it unexpectedly",
     "gave-up": "publishing failed until retry.give_up_after",
+    "unrecorded": "logged offline, lost before W&B wrote it, and its snapshot is gone",
 }
 """Every drop reason, with what it means (for `status` and the metric's help)."""
 
-LOSSES = frozenset({"unreadable", "refused", "invalid", "crashed", "gave-up"})
+LOSSES = frozenset({"unreadable", "refused", "invalid", "crashed", "gave-up", "unrecorded"})
 """Reasons that lose a checkpoint which was whole on disk: `--once` exits 1 on any of them."""
 
 

@@ -32,6 +32,7 @@ from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.errors import JournalError, StateDirLocked
 from ckptd.rows import (
     END_STATES,
+    MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
     STATES,
@@ -54,6 +55,23 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return socket.gethostname()
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a journal of any earlier schema version up to SCHEMA_VERSION, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        (recorded,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        for version in range(int(recorded) + 1, SCHEMA_VERSION + 1):
+            db.execute(MIGRATIONS[version])
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+            (str(max(int(recorded), SCHEMA_VERSION)),),
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class Journal:
@@ -87,9 +105,8 @@ class Journal:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
             db.executescript(SCHEMA)
-            db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+            _migrate(db)
         except sqlite3.Error as exc:
             self.close()
             raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None
@@ -287,12 +304,15 @@ class Journal:
         version: str | None,
         aliases: Iterable[str],
         best: Mapping[str, float],
+        durable: bool = True,
     ) -> Row:
         """`hashed -> published` and the best aliases it won, in one transaction: a crash
-        can never leave a published version whose best-so-far value was not recorded."""
+        can never leave a published version whose best-so-far value was not recorded.
+        `durable=False`: the sink logged it but cannot vouch for it yet (W&B offline)."""
         fields = {
             "version": version, "aliases": tuple(aliases), "last_error": None,
             "next_attempt_at": 0, "lease_owner": None, "lease_expires": None,
+            "durable": int(durable),
         }  # fmt: skip
         with self._tx() as db:
             row = self._transition(db, row_id, "published", now, fields)
@@ -303,6 +323,13 @@ class Journal:
                     (row.collection, alias, row_id, value),
                 )
         return row
+
+    def confirm(self, row_id: int, now: float) -> None:
+        """The sink now vouches for a published row's version: it is durable."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE checkpoints SET durable = 1, updated_at = ? WHERE id = ?", (now, row_id)
+            )
 
     def seed_best(self, collection: str, alias: str, value: float) -> None:
         """Record a best alias's value learnt from W&B (a fresh journal on a new host); it
@@ -400,6 +427,17 @@ class Journal:
             sql += " AND collection = ?"
             args = (*wanted, collection)
         return [decode(r) for r in self._query(sql + " ORDER BY collection, step, id", args)]
+
+    def unconfirmed(self) -> list[Row]:
+        """Published rows whose versions the sink has not confirmed durable, by step."""
+        return [
+            decode(r)
+            for r in self._query(
+                "SELECT * FROM checkpoints WHERE durable = 0 AND state IN ('published', "
+                "'aliased') ORDER BY collection, step, id",
+                (),
+            )
+        ]
 
     def count(self, states: Iterable[str]) -> int:
         """How many rows are in the given states."""

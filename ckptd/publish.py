@@ -83,7 +83,7 @@ class Publisher:
             self._supersede(row, f"same content as {twin.version or f'checkpoint #{twin.id}'}")
             return
         try:
-            plan, request = self._prepare(row, watch, snap)
+            plan, request = self._prepare(row, watch)
         except Exception as exc:  # planning one row must never block its collection
             log.debug("planning %s failed", row.source, exc_info=True)
             self._quarantine(row, "crashed", f"{type(exc).__name__}: {exc}")
@@ -99,8 +99,9 @@ class Publisher:
             self._failed(row, exc)
             return
         row = self.journal.mark_published(
-            row.id, self.clock(), version=result.version, aliases=plan.aliases, best=plan.best
-        )
+            row.id, self.clock(), version=result.version, aliases=plan.aliases, best=plan.best,
+            durable=result.committed,
+        )  # fmt: skip
         log.info(
             "published %s as %s:%s (step %d, %d files, %d bytes) with aliases %s",
             row.source, row.collection, result.version or "<offline>", row.step,
@@ -126,32 +127,80 @@ class Publisher:
             self._repoint_latest(row, step, version, watch)
         now = self.clock()
         self.journal.transition(row.id, "aliased", now)
-        if row.snapshot:
+        if row.snapshot and row.durable:  # else kept to publish again if the record is lost
             snapshot.remove(Path(row.snapshot))
         self._count_success(row, now)
         if self.retention is not None:  # never raises: a failed deletion never blocks publishing
             self.retention.after_publish(row.collection, self.clock())
 
+    def settle_unconfirmed(self, *, again: bool) -> list[Row]:
+        """Confirm each published row the sink now vouches for (W&B offline: its record is
+        in a run file) and release its snapshot; with `again`, publish each one whose record
+        was lost once more, with the aliases it had. Returns the rows still unconfirmed."""
+        left: list[Row] = []
+        unconfirmed = self.journal.unconfirmed()
+        for collection in sorted({r.collection for r in unconfirmed}):
+            rows = [r for r in unconfirmed if r.collection == collection]
+            try:
+                durable = self.sink.recorded(collection, [_key(r) for r in rows])
+            except PublishError as exc:
+                log.warning("%s: cannot tell which versions were recorded: %s", collection, exc)
+                left += rows
+                continue
+            for row in rows:
+                if _key(row) in durable:
+                    self.journal.confirm(row.id, self.clock())
+                    if row.state == "aliased" and row.snapshot:
+                        snapshot.remove(Path(row.snapshot))
+                elif again:
+                    left += self._publish_again(row)
+                else:
+                    left.append(row)
+        return left
+
+    def _publish_again(self, row: Row) -> list[Row]:
+        """Publish a row whose offline record was lost; [row] while it stays unconfirmed."""
+        assert row.snapshot is not None
+        if (problem := snapshot.verify(Path(row.snapshot), row.files)) is not None:
+            self.journal.confirm(row.id, self.clock())  # nothing left to publish it from
+            if self.drops is not None:
+                self.drops.record(Drop(row.collection, row.source, "unrecorded", problem),
+                                  self.clock())  # fmt: skip
+            return []
+        try:
+            self.sink.publish(self._request(row, row.aliases))
+        except PublishError as exc:
+            log.warning("%s: its offline record was lost; logging it again failed: %s",
+                        row.source, exc)  # fmt: skip
+            return [row]
+        log.info("%s: its offline record was lost before it was written; logged it again",
+                 row.source)  # fmt: skip
+        return [row]
+
     # -- steps -------------------------------------------------------------------------
 
-    def _prepare(
-        self, row: Row, watch: WatchConfig, snap: Path
-    ) -> tuple[AliasPlan, PublishRequest]:
+    def _prepare(self, row: Row, watch: WatchConfig) -> tuple[AliasPlan, PublishRequest]:
         """The alias plan and the request that publishes `row`."""
         plan = self._plan(row, watch)
-        request = PublishRequest(
+        return plan, self._request(row, plan.aliases)
+
+    def _request(self, row: Row, aliases: tuple[str, ...]) -> PublishRequest:
+        watch = self.watch_of(row)
+        assert row.snapshot is not None
+        snap = Path(row.snapshot)
+        return PublishRequest(
             collection=row.collection,
             type=watch.type,
             files=tuple(
                 SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
             ),
-            aliases=plan.aliases,
+            aliases=aliases,
             metadata=self._metadata(row),
             description=row.info.description or self._description(row, watch),
             run_path=row.info.run_path or watch.run_path,
             ttl=watch.retention.remote.ttl,
+            key=_key(row),
         )
-        return plan, request
 
     def _quarantine(self, row: Row, reason: str, detail: str) -> None:
         """A permanent problem of this checkpoint alone: `failed` with the reason, a drop,
@@ -301,7 +350,7 @@ class Publisher:
             "host": self._host,
             "files": {f.name: f.size for f in row.files},
             "size_bytes": row.size,
-            "ckptd": {"sidecar": info.source, "detected_at": row.detected_at},
+            "ckptd": {"sidecar": info.source, "detected_at": row.detected_at, "key": _key(row)},
         }
 
     def _description(self, row: Row, watch: WatchConfig) -> str | None:
@@ -328,3 +377,8 @@ def invalid(request: PublishRequest) -> str | None:
     except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         return f"its metadata cannot be published: {type(exc).__name__}: {exc}"
     return None
+
+
+def _key(row: Row) -> str:
+    """What names a checkpoint's version across publish attempts: journal row and content."""
+    return f"{row.id}:{row.digest}"

@@ -16,6 +16,7 @@ from ckptd.checkpoint import CheckpointInfo, FileState
 
 __all__ = [
     "END_STATES",
+    "MIGRATIONS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "STATES",
@@ -37,7 +38,14 @@ TRANSITIONS = {
     "superseded": set(),
     "failed": {"ready"},
 }
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Each version's change to the one before it; SCHEMA itself stays the version-1 tables, so an
+# existing journal and a new one go through the same steps.
+MIGRATIONS = {
+    # 2: an offline publish is "recorded, unconfirmed" (0) until ckptd has read its record
+    # back from an offline run file; every earlier row counts as durable.
+    2: "ALTER TABLE checkpoints ADD COLUMN durable INTEGER NOT NULL DEFAULT 1",
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     id INTEGER PRIMARY KEY,
@@ -129,6 +137,7 @@ class Row:
     last_error: str | None
     detected_at: float
     updated_at: float
+    durable: bool = True  # False: logged offline, its record not yet read back from disk
 
     @property
     def source(self) -> Path:
@@ -201,4 +210,5 @@ def decode(r: sqlite3.Row) -> Row:
         last_error=r["last_error"],
         detected_at=r["detected_at"],
         updated_at=r["updated_at"],
+        durable=bool(r["durable"]),
     )

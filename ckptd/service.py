@@ -2,9 +2,11 @@
 
 `Service.run_once(now)` is one iteration of the coordinator; it does all journal-driven
 scheduling and never blocks on I/O of its own beyond stat calls. Hashing and publishing run
-on thread pools. Lifecycle: `start()` opens the journal, starts the pools and the watcher
-and schedules the start-up scan; `run(stop)` loops until `stop` is set; `shutdown()` drains
-in-flight work up to `upload.shutdown_timeout` and releases everything.
+on thread pools. Lifecycle: `start()` opens the journal, confirms (or publishes again) what
+an earlier process published offline, starts the pools and the watcher and schedules the
+start-up scan; `run(stop)` loops until `stop` is set (or, in a batch run, until all is
+published or the deadline passed); `shutdown()` stops detecting, keeps hashing and publishing
+what the journal holds up to `upload.shutdown_timeout`, and releases everything.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from ckptd import snapshot
+from ckptd import leftovers, snapshot
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
@@ -89,7 +90,12 @@ class Service:
         self._publishers: ThreadPoolExecutor | None = None
         self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
         self._next_rescan = [0.0 for _ in config.watch]
-        self._stopping = False
+        self._stopping = False  # detection stopped: only what is queued is still worked on
+        self._started_at = 0.0
+        self._last_queued = 0.0  # when this process last queued a checkpoint
+        self.left: list[str] = []  # set by shutdown(): what the next start has to publish
+        self.unpublished: list[str] = []  # set by shutdown(): what a batch run failed to publish
+        self.abandoned = False  # set by shutdown(): a publish was still running when it ended
         self._last_journal_problem: str | None = None
         self._stager = Stager(self.staging, self.wake)
         self._step_started_at = time.monotonic()  # written by the coordinator, read by /healthz
@@ -102,6 +108,7 @@ class Service:
 
     def start(self) -> None:
         """Open the journal, start the pools and observers; the first iteration scans."""
+        self._started_at = self.clock()
         self.journal.open()
         self.journal.unpark()
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -116,6 +123,8 @@ class Service:
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
         self._stager.start()
         self._reclaim_orphan_snapshots()
+        if self.config.wandb.mode == "offline":
+            self.publisher.settle_unconfirmed(again=True)
         for detector in self.detectors:
             watch = detector.watch
             for relpath, files in self.journal.recorded_files(watch.artifact, watch.path).items():
@@ -135,19 +144,28 @@ class Service:
         self.notifier.ready(self.status_line())
 
     def run(
-        self, stop: threading.Event, *, once: bool = False, until_file: Path | None = None
-    ) -> bool:
+        self,
+        stop: threading.Event,
+        *,
+        once: bool = False,
+        until_file: Path | None = None,
+        deadline: float = math.inf,
+    ) -> None:
         """Iterate until `stop` is set (or, with `once`, until all finished work landed).
 
         `until_file`: once this file exists (a training job's "done" marker), rescan and
         carry on as `once` would: publish what is finished, then return.
-        Returns True when nothing is left failed or parked (the `--once` exit status).
+        `deadline` (seconds): a batch run (`once`, or after `until_file`) returns at the
+        latest this long after it began or after the last checkpoint it queued, whichever
+        is later, published or not.
         """
         once_deadline = self.clock() + self._once_patience() if once else math.inf
+        batch_began = self.clock()
         while not stop.is_set():
             if not once and until_file is not None and until_file.exists():
                 log.info("%s exists: publishing what is left, then exiting", until_file)
                 once, once_deadline = True, self.clock() + self._once_patience()
+                batch_began = self.clock()
                 self._next_rescan = [0.0 for _ in self._next_rescan]
             now = self.clock()
             try:
@@ -161,9 +179,11 @@ class Service:
                 self.notifier.tick(now, self.status_line())
             if once and self.idle(now, once_deadline):
                 break
+            if once and now >= max(batch_began, self._last_queued) + deadline:
+                log.warning("--deadline of %.0fs passed: exiting with what is published", deadline)
+                break
             self.wake.wait(max(0.0, min(due - self.clock(), _IDLE_WAKE)))
             self.wake.clear()
-        return not self.problems()
 
     def _keep_deleted_holds(self) -> None:
         """Journal the held candidates that their framework deleted already: the next start
@@ -186,8 +206,10 @@ class Service:
             )
             self._last_journal_problem = message
 
-    def shutdown(self) -> None:
-        """Stop watching, let in-flight work finish up to shutdown_timeout, close all."""
+    def shutdown(self, *, drain: bool = True) -> None:
+        """Stop detecting; with `drain`, hash and publish what the journal holds, in step
+        order per collection, up to shutdown_timeout; close all. The last log line names
+        what is left for the next start."""
         self._stopping = True
         self.notifier.stopping()
         if self.health is not None:
@@ -195,30 +217,47 @@ class Service:
         self.watcher.stop()
         if not self.journal.is_open:  # start() failed before the journal opened
             return
-        deadline = self.clock() + self.config.upload.shutdown_timeout
-        jobs: list[Future[Any]] = [*self._publishing.values(), *self._hasher.in_flight()]
-        in_flight = [f for f in jobs if not f.done()]
-        if in_flight:
-            log.info(
-                "draining %d in-flight job(s), up to %.0fs", len(in_flight), deadline - self.clock()
-            )
-        for future in in_flight:
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                break
-            with contextlib.suppress(Exception):  # the job recorded and logged its own failure
-                future.result(timeout=remaining)
+        # Held candidates that their framework deleted meanwhile are whole: queue them too.
         self._keep_deleted_holds()
-        pending = len(self.journal.rows(states=("ready", "hashed")))
+        if drain and self.publisher is not None:
+            self._drain(self.clock() + self.config.upload.shutdown_timeout)
         self._stager.shutdown()
         self._hasher.shutdown()
+        self.abandoned = any(not f.done() for f in self._publishing.values())
         if self._publishers is not None:
             self._publishers.shutdown(wait=False, cancel_futures=True)
         if self.sink is not None:
-            self.sink.close()
+            self.sink.close()  # W&B offline: finishing the runs writes their records
+        with contextlib.suppress(JournalError):
+            if self.publisher is not None and self.config.wandb.mode == "offline":
+                self.publisher.settle_unconfirmed(again=False)
+            self.left = leftovers.left_for_next_start(self.journal)
+            self.unpublished = [
+                *self.left, *leftovers.failures(self.journal, since=self._started_at)
+            ]  # fmt: skip
         self.journal.close()
-        log.info("ckptd stopped; %d checkpoint(s) pending for the next start", pending)
+        if self.left:
+            log.info("ckptd stopped; %d checkpoint(s) left for the next start: %s",
+                     len(self.left), "; ".join(self.left))  # fmt: skip
+        else:
+            log.info("ckptd stopped; nothing is left to publish")
         self.notifier.close()
+
+    def _drain(self, deadline: float) -> None:
+        """Run the coordinator without detection until nothing queued is left or `deadline`."""
+        queued = len(self._queued_rows())  # parked collections wait for their cause
+        if queued or self._busy():
+            log.info("stopping: publishing %d queued checkpoint(s) first, up to %.0fs",
+                     queued, deadline - self.clock())  # fmt: skip
+        while self.clock() < deadline and (self._busy() or self._queued_rows()):
+            now = self.clock()
+            try:
+                due = self.run_once(now)
+            except JournalError as exc:
+                self._report_journal_problem(exc)
+                due = now + _JOURNAL_RETRY
+            self.wake.wait(max(0.0, min(due, deadline, self.clock() + _IDLE_WAKE) - self.clock()))
+            self.wake.clear()
 
     # -- the single step ---------------------------------------------------------------------
 
@@ -226,17 +265,11 @@ class Service:
         """One coordinator iteration; returns when the next one is due.
 
         Whatever goes wrong with one candidate stays with it (a drop naming it); only a
-        journal that cannot be written leaves the step (JournalError)."""
+        journal that cannot be written leaves the step (JournalError). While stopping, no
+        new checkpoint is detected: the queue drains."""
         self._step_started_at = time.monotonic()
-        self._take_hints(now)
-        for index, detector in enumerate(self.detectors):
-            if now >= self._next_rescan[index]:
-                self._scan(detector, now)
-                self._next_rescan[index] = now + detector.watch.rescan
-            for ready in detector.poll(now):
-                self._guarded(detector, ready, now, partial(self._accept, detector, ready, now))
-            for drop in detector.take_drops():
-                self.drops.record(drop, now)
+        if not self._stopping:
+            self._detect(now)
         finished = self._stager.collect()
         for index, taken in enumerate(finished):
             try:
@@ -246,15 +279,25 @@ class Service:
                     snapshot.remove(rest.dest)
                 raise
         self._hasher.collect(now)
-        if not self._stopping:
-            self._hasher.schedule(self.clock())
-            self._schedule_publishing(now)
+        self._hasher.schedule(self.clock())
+        self._schedule_publishing(now)
         return min(
             min((d.next_due() for d in self.detectors), default=math.inf),
             min(self._next_rescan, default=math.inf),
             self._next_retry(),
             self.retention.next_due() if self.retention is not None else math.inf,
         )
+
+    def _detect(self, now: float) -> None:
+        self._take_hints(now)
+        for index, detector in enumerate(self.detectors):
+            if now >= self._next_rescan[index]:
+                self._scan(detector, now)
+                self._next_rescan[index] = now + detector.watch.rescan
+            for ready in detector.poll(now):
+                self._guarded(detector, ready, now, partial(self._accept, detector, ready, now))
+            for drop in detector.take_drops():
+                self.drops.record(drop, now)
 
     def _take_hints(self, now: float) -> None:
         while True:
@@ -334,6 +377,7 @@ class Service:
         taken.detector.mark_done(ready)
         self.drops.clear(watch.artifact, ready.unit)
         self.metrics.detected.labels(collection=watch.artifact).inc()
+        self._last_queued = self.clock()
         log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
 
     def _schedule_publishing(self, now: float) -> None:
@@ -398,7 +442,11 @@ class Service:
     def _reclaim_orphan_snapshots(self) -> None:
         """Drop staging directories that no live journal row points at (a crash between
         snapshot and journal insert, or after publishing)."""
-        live = {r.snapshot for r in self.journal.rows(states=("ready", "hashed", "failed"))}
+        rows = [
+            *self.journal.rows(states=("ready", "hashed", "failed")),
+            *self.journal.unconfirmed(),
+        ]
+        live = {r.snapshot for r in rows}
         for entry in self.staging.iterdir():
             if str(entry) not in live:
                 snapshot.remove(entry)
@@ -408,15 +456,7 @@ class Service:
     def idle(self, now: float, patience_deadline: float) -> bool:
         """Nothing left to do for `--once`: no queued rows and no candidates still settling
         (candidates that never finish are given up at `patience_deadline`)."""
-        if self._hasher.in_flight() or any(not f.done() for f in self._publishing.values()):
-            return False
-        if self._stager.in_flight():
-            return False
-        parked = self.journal.parked()
-        queued = [
-            r for r in self.journal.rows(states=("ready", "hashed")) if r.collection not in parked
-        ]
-        if queued:
+        if self._busy() or self._queued_rows():
             return False
         pending = any(d.pending() for d in self.detectors)
         return not pending or now >= patience_deadline
@@ -435,6 +475,17 @@ class Service:
                 f"(metrics.stall_after is {limit:g}s)"
             )
         return None
+
+    def _busy(self) -> bool:
+        """Is a copy, a hash or a publish under way?"""
+        publishing = any(not f.done() for f in self._publishing.values())
+        return bool(self._hasher.in_flight() or publishing or self._stager.in_flight())
+
+    def _queued_rows(self) -> list[Row]:
+        """Rows still to hash or publish, in collections that are not parked."""
+        parked = self.journal.parked()
+        rows = self.journal.rows(states=("ready", "hashed", "published"))
+        return [r for r in rows if r.collection not in parked]
 
     def not_ready(self) -> str | None:
         """None when the daemon can do its work, else why not (for /readyz)."""
@@ -463,12 +514,6 @@ class Service:
         if parked:
             text += f"; parked: {', '.join(sorted(parked))}"
         return text
-
-    def problems(self) -> list[str]:
-        """What `--once` reports as not published: failed rows and parked collections."""
-        out = [f"{r.source}: {r.last_error}" for r in self.journal.rows(states=("failed",))]
-        out += [f"{c} is parked: {reason}" for c, (reason, _) in self.journal.parked().items()]
-        return out
 
     def _once_patience(self) -> float:
         return max((w.settle + w.sidecar.wait for w in self.config.watch), default=0) + 5.0

@@ -84,6 +84,9 @@ def write(
     # The temp name starts with '.' so that no watcher takes it for a sidecar or checkpoint.
     fd, tmp = tempfile.mkstemp(prefix=f".{sidecar.name}.", suffix=".tmp", dir=sidecar.parent)
     try:
+        # mkstemp makes the file 0600; a sidecar must be as readable as the checkpoint it
+        # describes (ckptd may run as another user: systemd's DynamicUser, a pod's fsGroup).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(body, f, allow_nan=True, indent=1, sort_keys=True)
             f.flush()
@@ -93,6 +96,20 @@ def write(
         Path(tmp).unlink(missing_ok=True)
         raise
     return sidecar
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (/proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # noqa: PTH123 - plain os
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def candidates(unit: Path) -> list[Path]:

@@ -1,11 +1,17 @@
 """Chaos: ckptd is killed with SIGKILL at random moments while a writer produces checkpoints
-and the W&B server misbehaves; in the end every checkpoint is exactly one version."""
+and the W&B server misbehaves (online), or while wandb-core buffers the offline run files
+(offline, where its wandb-core is sometimes killed too); in the end every checkpoint is
+exactly one version (online) or one artifact record across all `.wandb` files (offline)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -15,6 +21,7 @@ from pathlib import Path
 from ckptd import sidecar
 from tests.conftest import Daemon, ckptd_status, wait_until
 from tests.support.fake_wandb import FakeWandbServer
+from tests.support.wandb_offline import artifacts
 
 CHECKPOINTS = 30
 CONFIG = """\
@@ -32,6 +39,13 @@ watch:
       best: [{{metric: val_loss, mode: min, alias: best}}]
     retention: {{remote: {{keep_last: null}}}}   # every version stays, to be counted
 """
+OFFLINE_CONFIG = (
+    CONFIG.replace(
+        'mode: online, project: chaos, base_url: "{url}"', "mode: offline, project: chaos"
+    )
+    .replace("{{", "{")
+    .replace("}}", "}")
+)
 FAULTS: list[tuple[str, dict[str, object]]] = [
     ("CreateArtifact", {"status": 500}),
     ("CreateArtifact", {"status": 429, "retry_after": 1}),
@@ -129,3 +143,74 @@ def _wait_quietly(condition: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def test_kill_9_offline_loses_nothing_and_duplicates_nothing(
+    tmp_path: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """Offline, 30 checkpoints, random SIGKILLs of ckptd (and, one time in three, of its
+    wandb-core first): every .wandb file under the state dir together holds exactly one
+    artifact record per checkpoint, with the source's md5 and its step alias, and `wandb
+    sync` of every run directory uploads each checkpoint exactly once."""
+    seed = int(os.environ.get("CKPTD_CHAOS_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    root = tmp_path / "ck"
+    root.mkdir()
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(OFFLINE_CONFIG)
+    losses: dict[int, float] = {}
+    done = threading.Event()
+    training = threading.Thread(target=writer, args=(root, rng, losses, done), daemon=True)
+    training.start()
+    kills = 0
+    deadline = time.monotonic() + 120
+    while (not done.is_set() or kills < 8) and time.monotonic() < deadline:
+        daemon = start_daemon("--config", str(config), env=wandb_env)
+        _wait_quietly(lambda d=daemon: " as model:" in d.log(), 8)  # a run holds records
+        time.sleep(rng.uniform(0.0, 2.0))
+        if rng.random() < 1 / 3:
+            for pid in _children(daemon.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        daemon.kill()
+        kills += 1
+    training.join(30)
+    assert done.is_set(), f"writer did not finish (seed {seed})"
+
+    final = start_daemon("--config", str(config), env=wandb_env)
+    final.wait_for_log("ckptd started")
+    wait_until(lambda: " 0 pending" in ckptd_status(config, wandb_env), 120, f"seed {seed}")
+    assert final.stop() == 0, final.log()
+    shown = ckptd_status(config, wandb_env)
+    assert f"{CHECKPOINTS} published, 0 pending" in shown, f"seed {seed}: {shown}"
+    records = artifacts(tmp_path / "state" / "wandb")
+    steps = sorted(a.metadata["step"] for a in records)
+    assert steps == list(range(1, CHECKPOINTS + 1)), f"seed {seed}: {steps}"
+    for record in records:
+        name = f"ckpt_{record.metadata['step']:03d}.pt"
+        source = hashlib.md5((root / name).read_bytes()).digest()
+        assert record.entries[name][0] == base64.b64encode(source).decode(), f"seed {seed}"
+        assert f"step-{record.metadata['step']}" in record.aliases, f"seed {seed}"
+    assert kills >= 3, f"only {kills} kills happened (seed {seed})"
+    runs = sorted(str(p) for p in (tmp_path / "state" / "wandb").glob("offline-run-*"))
+    with FakeWandbServer(storage_dir=tmp_path / "server") as server:  # what `wandb sync` uploads
+        env = {**wandb_env, **server.env(tmp_path / "sync-env")}
+        sync = subprocess.run(
+            [str(Path(sys.executable).parent / "wandb"), "sync", *runs],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        synced = sorted(v.metadata["step"] for v in server.versions("model", "chaos"))
+    assert synced == list(range(1, CHECKPOINTS + 1)), f"seed {seed}: {synced}"
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is `pid` (wandb-core, for ckptd), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found

@@ -129,6 +129,8 @@ def test_the_daemon_names_counts_and_lists_every_drop_reason_of_detection(
         assert (
             metric(text, "ckptd_checkpoints_dropped_total", collection="model", reason=reason) == 1
         )
-    assert "1 published, 0 pending" in status and "4 dropped" in status
+    # Offline, a version counts as published once its record is on disk: after the stop.
+    assert "1 logged offline but unconfirmed, 0 pending" in status and "4 dropped" in status
+    assert "1 published, 0 pending" in ckptd_status(config, wandb_env)
     published = [line for line in log.splitlines() if "published " in line]
     assert len(published) == 1 and "ckpt_100.pt" in published[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.errors import JournalError, StateDirLocked
 from ckptd.journal import Journal
+from ckptd.rows import SCHEMA, SCHEMA_VERSION
 
 FILES = (FileState("ckpt.pt", 10, 1, 2, 3),)
 
@@ -119,3 +121,41 @@ def test_read_only_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(JournalError, match=str(blocker)):
         Journal(blocker / "state").open()
+
+
+def test_version_1_journal_upgrades_and_offline_publishes_start_unconfirmed(
+    tmp_path: Path,
+) -> None:
+    """A journal written before schema version 2 opens with its published rows durable; a
+    row published with durable=False is listed unconfirmed until `confirm`."""
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / "journal.sqlite3")
+    db.executescript(SCHEMA)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute(
+        "INSERT INTO checkpoints (collection, watch_path, relpath, fingerprint, format, step, "
+        "state, files, info, detected_at, updated_at) VALUES ('model', '/w', 'old.pt', 'f', "
+        "'file', 0, 'aliased', '[]', '{}', 1, 1)"
+    )
+    db.commit()
+    db.close()
+    journal = Journal(state).open()
+    try:
+        (old,) = journal.rows()
+        assert old.durable and journal.unconfirmed() == []
+        row_id = add(journal, "ckpt_1.pt", 1)
+        assert row_id is not None
+        journal.transition(row_id, "hashed", 101.0, md5s={"ckpt.pt": "abc"}, digest="d1")
+        journal.mark_published(row_id, 102.0, version=None, aliases=(), best={}, durable=False)
+        journal.transition(row_id, "aliased", 103.0)
+        assert [r.id for r in journal.unconfirmed()] == [row_id]
+        journal.confirm(row_id, 104.0)
+        assert journal.unconfirmed() == [] and journal.get(row_id).durable
+    finally:
+        journal.close()
+    check = sqlite3.connect(state / "journal.sqlite3")
+    assert check.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    check.close()

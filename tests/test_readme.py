@@ -48,8 +48,10 @@ def test_first_command_and_tour_work_as_written(
         daemon.wait_for_log(f"{tmp_path / path} as {version}", timeout=60)
         line = next(x for x in daemon.log().splitlines() if f"{tmp_path / path} as" in x)
         assert line.endswith(f"with aliases {aliases}"), line
-    assert "3 published, 0 pending" in ckptd_status(tmp_path / "config.example.yaml", wandb_env)
+    running = ckptd_status(tmp_path / "config.example.yaml", wandb_env)
+    assert "3 logged offline but unconfirmed, 0 pending" in running  # W&B holds them in memory
     assert daemon.stop() == 0
+    assert "3 published, 0 pending" in ckptd_status(tmp_path / "config.example.yaml", wandb_env)
     assert list((tmp_path / ".ckptd" / "wandb").glob("offline-run-*"))
 
 

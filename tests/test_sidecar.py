@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -194,6 +195,18 @@ def test_sidecar_arriving_after_the_wait_is_reported(
     lines = warnings(caplog)
     assert len(lines) == 1 and str(late) in lines[0] and "not applied" in lines[0]
     assert json.loads(late.read_text())["step"] == 3
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_write_honours_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """The helper's sidecar gets the mode any file the job writes gets (0644 under 022),
+    not mkstemp's 0600, so a daemon running as another user can read it."""
+    previous = os.umask(umask)
+    try:
+        written = sidecar.write(tmp_path / "ckpt_1.pt", step=1, metrics={"val_loss": 0.5})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == mode
 
 
 def test_the_helper_works_copied_alone_into_a_training_environment(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ key, no permission, an invalid name); nothing else escapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,12 +44,15 @@ class PublishRequest:
     description: str | None = None
     run_path: str | None = None
     ttl: float | None = None
+    key: str | None = None  # names this checkpoint across attempts; kept in its metadata
 
 
 @dataclass(frozen=True)
 class PublishedVersion:
     """Where a checkpoint landed. `version` ("v3") is None where the sink cannot know it yet
-    (W&B offline mode assigns numbers at `wandb sync`)."""
+    (W&B offline mode assigns numbers at `wandb sync`). `committed` is False where the sink
+    logged the version but cannot vouch yet that it survives a crash (W&B offline mode, until
+    the record is read back from disk): ask `recorded` later."""
 
     version: str | None
     artifact_id: str | None = None
@@ -81,7 +84,13 @@ class Sink(Protocol):
     def publish(self, request: PublishRequest) -> PublishedVersion:
         """Create a version from `request.files` with `request.aliases` and return it once it
         is committed. Idempotent: the same content published again returns the existing
-        version and creates no new one."""
+        version and creates no new one; so is a `key` that is recorded already."""
+        ...
+
+    def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
+        """Which of `keys` (the `PublishRequest.key` of versions that `publish` returned with
+        `committed=False`) are durably recorded now. A key left out was lost and must be
+        published again. A sink whose publishes are always committed returns every key."""
         ...
 
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:

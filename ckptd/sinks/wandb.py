@@ -4,7 +4,12 @@ Versions are logged with `policy="immutable"` and `skip_cache=True` from ckptd's
 snapshot with the md5 ckptd already computed, so the SDK neither copies nor re-hashes a
 byte. Online, `wait()` returns once the version is committed; offline the SDK writes the
 run's `.wandb` file under `state_dir/wandb/` for a later `wandb sync` (and `wait()` would
-raise, so it is not called). `wandb sync` uploads each file from the path recorded at
+raise, so it is not called). wandb-core buffers that file until the run finishes, so an
+offline publish returns `committed=False` and `recorded` later reads the run files back
+(`offline_runs`) to tell which versions survived; one offline run id per collection is kept in
+`state_dir/wandb/` and resumed at each start, so restarts add no runs. If wandb-core dies
+under a live ckptd, the sink starts a new one and logs again what the lost run had not
+written. `wandb sync` uploads each file from the path recorded at
 `log_artifact`, long after ckptd released its snapshot: offline, the files are first
 hard-linked into the offline run's own directory (`ckptd-files/`), where they stay with the
 run until `wandb sync --clean` removes it.
@@ -18,18 +23,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import threading
-import time
+from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ckptd import snapshot
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
-from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile
+from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile, offline_runs
 
 __all__ = ["WandbSink", "read_api_key"]
 
@@ -47,6 +50,8 @@ _MISSING_VERSION = re.compile(r"not found|does not exist|could not find", re.IGN
 _SDK_RETRIES = 1
 _FINISH_TIMEOUT = 30.0  # seconds a run may take to finish before ckptd stops waiting
 _INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
+# What the SDK raises once its wandb-core process is gone: every run of this process is dead.
+_SERVICE_LOST = {"ConnectionResetError", "BrokenPipeError", "MailboxClosedError"}
 
 
 def read_api_key(config: Config, environ: dict[str, str] | None = None) -> str | None:
@@ -82,16 +87,26 @@ class WandbSink:
         self._lock = threading.Lock()
         self._api: Any = None
         self._lineage_skipped: set[str] = set()  # run paths told about offline; under _lock
+        self._offline = offline_runs.OfflineLedger(config.state_dir / "wandb")
+        self._generation = 0  # bumped each time wandb-core is replaced; under _lock
 
     # -- the Sink contract ---------------------------------------------------------------
 
     def publish(self, request: PublishRequest) -> PublishedVersion:
+        generation = self._generation
         try:
             return self._publish(request)
         except PublishError:
             raise
         except Exception as exc:
+            if type(exc).__name__ in _SERVICE_LOST:
+                self._replace_service(generation)
             raise self._classify(exc, f"publishing {request.collection}") from exc
+
+    def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
+        if self.online:
+            return set(keys)
+        return set(keys) & offline_runs.recorded_keys(self._offline.wandb_dir, collection)
 
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
         if not self.online:
@@ -172,6 +187,17 @@ class WandbSink:
                 log.warning(
                     "W&B run %s did not finish in %.0fs; leaving it", run.id, _FINISH_TIMEOUT
                 )
+                return
+        if runs and not self.online:
+            # finish() can answer before wandb-core has closed the run files; its exit
+            # closes them, so that `recorded` reads every record that finish() wrote.
+            import wandb
+
+            with _INIT_LOCK:
+                try:
+                    wandb.teardown()
+                except Exception as exc:  # a dead wandb-core cannot be torn down; nothing to do
+                    log.debug("tearing down W&B: %s", self._mask(exc))
 
     def _finish(self, run: Any) -> None:
         try:
@@ -182,10 +208,27 @@ class WandbSink:
     # -- internals -------------------------------------------------------------------------
 
     def _publish(self, request: PublishRequest) -> PublishedVersion:
+        if not self.online and self._offline.recorded_before(request.key):
+            # Logged by an earlier ckptd that died before its journal said so: not twice.
+            return PublishedVersion(version=None, committed=True)
+        run = self._run(request.collection)
+        if not self.online:
+            self._log_lost_again(request.collection, run)
+        logged = self._log(run, request)
+        if not self.online:
+            self._skip_lineage(request.run_path)
+            return PublishedVersion(version=None, committed=False)
+        size = sum(f.size for f in request.files)
+        logged.wait(timeout=int(300 + size / 5e6))
+        if request.run_path is not None:
+            self._record_lineage(request.collection, request.type, logged.version, request.run_path)
+        return PublishedVersion(version=logged.version, artifact_id=logged.id)
+
+    def _log(self, run: Any, request: PublishRequest) -> Any:
+        """`log_artifact` one version into `run`; offline, remember it until the run closes."""
         import wandb
 
-        run = self._run(request.collection)
-        files = request.files if self.online else _keep_for_sync(run, request.files)
+        files = request.files if self.online else offline_runs.keep_for_sync(run.dir, request.files)
         artifact = wandb.Artifact(
             request.collection,
             type=request.type,
@@ -198,13 +241,43 @@ class WandbSink:
             artifact.ttl = timedelta(seconds=request.ttl)
         logged = run.log_artifact(artifact, aliases=list(request.aliases))
         if not self.online:
-            self._skip_lineage(request.run_path)
-            return PublishedVersion(version=None, committed=False)
-        size = sum(f.size for f in request.files)
-        logged.wait(timeout=int(300 + size / 5e6))
-        if request.run_path is not None:
-            self._record_lineage(request.collection, request.type, logged.version, request.run_path)
-        return PublishedVersion(version=logged.version, artifact_id=logged.id)
+            self._offline.logged(request)
+        return logged
+
+    # -- offline durability ----------------------------------------------------------------
+
+    def _replace_service(self, generation: int) -> None:
+        """wandb-core died (killed, OOM): every run of this process died with it and lost
+        what it had not written. Forget them; the next publish starts a new wandb-core and
+        a new run, which first logs again what the lost run never wrote."""
+        import wandb
+
+        with self._lock:
+            if generation != self._generation:
+                return  # another thread replaced it already
+            self._generation += 1
+            self._runs = {}
+        self._offline.runs_lost()
+        log.warning("W&B's wandb-core process is gone; starting a new one for the next publish")
+        with _INIT_LOCK:
+            try:
+                wandb.teardown()
+            except Exception as exc:  # tearing down a dead connection fails; it is reset
+                log.debug("tearing down the dead W&B connection: %s", exc)
+
+    def _log_lost_again(self, collection: str, run: Any) -> None:
+        """Log into `run` each version a dead run of `collection` had not written."""
+        again = self._offline.take_lost(collection)
+        if not again:
+            return
+        for index, request in enumerate(again):
+            try:
+                self._log(run, request)
+            except Exception:
+                self._offline.give_back(collection, again[index:])  # for the next run
+                raise
+        log.info("%s: logged %d version(s) again that W&B's dead run had not written",
+                 collection, len(again))  # fmt: skip
 
     def _record_lineage(
         self, collection: str, artifact_type: str, version: str, run_path: str
@@ -279,7 +352,12 @@ class WandbSink:
         )
         state_dir = self.config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
+        # Offline, each collection keeps one run across restarts (resumed), so that a host
+        # restarting ckptd daily does not collect a run per day.
+        run_id = None if self.online else offline_runs.run_id(self._offline.wandb_dir, collection)
         with _INIT_LOCK:
+            for empty in [] if self.online else self._offline.sweep_once():
+                log.info("removed %s: W&B lost that run before writing a record", empty)
             run = wandb.init(
                 project=self.config.wandb.project,
                 entity=self.config.wandb.entity,
@@ -288,6 +366,8 @@ class WandbSink:
                 dir=str(state_dir),
                 reinit="create_new",
                 settings=settings,
+                id=run_id,
+                resume=None if run_id is None else "allow",
             )
         log.info("W&B run %s started for %s (%s)", run.id, collection, self.config.wandb.mode)
         with self._lock:
@@ -351,20 +431,6 @@ def _remote_version(artifact: Any) -> RemoteVersion:
         linked=bool(artifact.is_link),
         metrics=metrics if isinstance(metrics, dict) else {},
     )
-
-
-def _keep_for_sync(run: Any, files: tuple[SinkFile, ...]) -> tuple[SinkFile, ...]:
-    """Hard-link (across filesystems: copy) `files` into the offline run's directory, which
-    `wandb sync` reads them from; the links cost no disk while the checkpoint exists."""
-    dest = Path(run.dir).parent / "ckptd-files" / str(time.time_ns())
-    kept = []
-    for file in files:
-        target = dest / file.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not snapshot.try_link(file.path, target):
-            shutil.copy2(file.path, target)
-        kept.append(SinkFile(file.name, target, file.md5_b64, file.size))
-    return tuple(kept)
 
 
 def _add_file(artifact: Any, file: SinkFile) -> None:
