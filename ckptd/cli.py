@@ -238,6 +238,9 @@ def _status(config: Config) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.at))
             detail = f": {drop.detail}" if drop.detail else ""
             print(f"  dropped {drop.path} ({drop.reason}, {when}){detail}")
+    address = config.state_dir / "metrics.address"
+    if address.exists():  # written by a running daemon
+        print(f"metrics: http://{address.read_text().strip()}/metrics")
     return EXIT_OK
 
 

@@ -317,8 +317,13 @@ class WatchConfig(_Model):
         return seconds
 
 
+AUTO_LISTEN = ("127.0.0.1", tuple(range(9480, 9500)))
+
+
 class MetricsConfig(_Model):
-    listen: str | None = "127.0.0.1:9480"
+    # host:port, host:first-last (the first free port of the range), auto (127.0.0.1 and
+    # the first free port of 9480-9499: several daemons on one host need no editing), null.
+    listen: str | None = "auto"
     stall_after: Duration = 300.0  # /healthz fails when a coordinator step takes longer
 
     @field_validator("stall_after")
@@ -331,20 +336,36 @@ class MetricsConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, listen: str | None) -> str | None:
-        if listen is None:
-            return None
-        _, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected host:port such as 127.0.0.1:9480, got {listen!r}")
+        if listen is not None and listen != "auto" and _ports(listen) is None:
+            raise ValueError(
+                "expected host:port (127.0.0.1:9480), a port range (127.0.0.1:9480-9499) or "
+                f"auto, got {listen!r}"
+            )
         return listen
 
     @property
-    def address(self) -> tuple[str, int] | None:
-        """`listen` split into (host, port), or None when metrics are off."""
+    def address(self) -> tuple[str, tuple[int, ...]] | None:
+        """(host, the ports to try in order), or None when metrics are off."""
         if self.listen is None:
             return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        if self.listen == "auto":
+            return AUTO_LISTEN
+        host, _, _ = self.listen.rpartition(":")
+        ports = _ports(self.listen)
+        assert ports is not None  # validated
+        return host.strip("[]"), ports
+
+
+def _ports(listen: str) -> tuple[int, ...] | None:
+    """The ports of `host:port` or `host:first-last`, or None if it is neither."""
+    host, sep, spec = listen.rpartition(":")
+    first, dash, last = spec.partition("-")
+    if not (sep and host and first.isdigit() and (last.isdigit() if dash else True)):
+        return None
+    low, high = int(first), int(last) if dash else int(first)
+    if not 0 <= low <= high <= 65535 or (dash and low == 0):
+        return None
+    return tuple(range(low, high + 1))
 
 
 class LogConfig(_Model):

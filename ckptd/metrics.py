@@ -11,6 +11,7 @@ counters.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -163,7 +164,7 @@ class HealthServer:
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, tuple[int, ...]],
         metrics: Metrics,
         unhealthy: Callable[[], str | None],
         ready: Callable[[], str | None],
@@ -219,21 +220,39 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("metrics endpoint: " + format, *args)
 
-        try:
-            server = _BoundedServer(self.address, Handler, self.max_connections)
-        except OSError as exc:
-            from ckptd.errors import CkptdError
-
-            host, port = self.address
-            raise CkptdError(
-                f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
-            ) from None
+        server = self._bind(Handler)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="ckptd-metrics", daemon=True
         )
         self._thread.start()
-        log.info("metrics and health on http://%s:%d/metrics", self.address[0], self.port)
+        log.info("metrics and health on http://%s/metrics", self.bound)
+
+    @property
+    def bound(self) -> str:
+        """host:port the server listens on."""
+        host = self.address[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def _bind(self, handler: type[BaseHTTPRequestHandler]) -> _BoundedServer:
+        """Listen on the first free port of `address`; a clash on every one is an error."""
+        from ckptd.errors import CkptdError
+
+        host, ports = self.address
+        for port in ports[:-1]:
+            try:
+                return _BoundedServer((host, port), handler, self.max_connections)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise CkptdError(f"metrics.listen: cannot listen on {host}:{port}: "
+                                     f"{exc.strerror or exc}") from None  # fmt: skip
+        try:
+            return _BoundedServer((host, ports[-1]), handler, self.max_connections)
+        except OSError as exc:
+            tried = f"{ports[0]}" if len(ports) == 1 else f"any port of {ports[0]}-{ports[-1]}"
+            raise CkptdError(
+                f"metrics.listen: cannot listen on {host}:{tried}: {exc.strerror or exc}"
+            ) from None
 
     def stop(self) -> None:
         if self._server is not None:

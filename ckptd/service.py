@@ -110,6 +110,7 @@ class Service:
         """Open the journal, start the pools and observers; the first iteration scans."""
         self._started_at = self.clock()
         self.journal.open()
+        self._serve_metrics()  # a port clash is reported before anything is watched
         self.journal.unpark()
         self.staging.mkdir(parents=True, exist_ok=True)
         self.sink = self._sink_factory(self.config)
@@ -132,16 +133,25 @@ class Service:
             if self.journal.had_sidecar(watch.artifact, watch.path):
                 detector.expect_sidecars()
         self.watcher.start()
-        address = self.config.metrics.address
-        if address is not None:
-            self.health = HealthServer(address, self.metrics, self.unhealthy, self.not_ready)
-            self.health.start()
         log.info(
             "ckptd started: %d watch entr%s, state in %s, W&B %s mode",
             len(self.config.watch), "y" if len(self.config.watch) == 1 else "ies",
             self.config.state_dir, self.config.wandb.mode,
         )  # fmt: skip
         self.notifier.ready(self.status_line())
+
+    @property
+    def metrics_address_file(self) -> Path:
+        """Where the bound metrics address is written (for Prometheus and operators)."""
+        return self.config.state_dir / "metrics.address"
+
+    def _serve_metrics(self) -> None:
+        address = self.config.metrics.address
+        if address is None:
+            return
+        self.health = HealthServer(address, self.metrics, self.unhealthy, self.not_ready)
+        self.health.start()
+        self.metrics_address_file.write_text(f"{self.health.bound}\n")
 
     def run(
         self,
@@ -214,6 +224,7 @@ class Service:
         self.notifier.stopping()
         if self.health is not None:
             self.health.stop()
+            self.metrics_address_file.unlink(missing_ok=True)
         self.watcher.stop()
         if not self.journal.is_open:  # start() failed before the journal opened
             return

@@ -186,3 +186,18 @@ def test_shape_errors_say_list_and_mapping_and_metrics_null_turns_metrics_off(
     ]
     config = load_config(write(tmp_path, "watch: [{path: x}]\nmetrics: null\n"))
     assert config.metrics.address is None
+
+
+def test_metrics_listen_takes_a_port_a_range_or_auto(tmp_path: Path) -> None:
+    """`auto` (the default) tries 127.0.0.1:9480-9499; a range tries its ports in order;
+    anything else is refused, naming the key."""
+    assert load_config(write(tmp_path, "watch: [{path: x}]\n")).metrics.address == (
+        "127.0.0.1", tuple(range(9480, 9500)),
+    )  # fmt: skip
+    ranged = load_config(
+        write(tmp_path, "metrics: {listen: '0.0.0.0:9500-9502'}\nwatch: [{path: x}]\n")
+    )
+    assert ranged.metrics.address == ("0.0.0.0", (9500, 9501, 9502))
+    for bad in ("9480", "host:95-90", "host:x", "host:1-70000"):
+        (found,) = problems(tmp_path, f"metrics: {{listen: '{bad}'}}\nwatch: [{{path: x}}]\n")
+        assert found.startswith("metrics.listen: expected host:port"), found

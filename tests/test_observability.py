@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Daemon, wait_until
+from tests.conftest import Daemon, ckptd_status, wait_until
 from tests.support.checkpoints import renamed_in
 from tests.support.fake_wandb import FakeWandbServer
 
@@ -137,3 +137,49 @@ def test_json_logs_are_one_object_per_line(
     assert all({"time", "level", "event"} <= record.keys() for record in records)
     assert any(r["event"].startswith("published ") and r["level"] == "info" for r in records)
     assert online_env["WANDB_API_KEY"] not in daemon.log()
+
+
+def test_two_daemons_on_one_host_with_the_default_metrics_setting(
+    tmp_path: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """`metrics.listen` left at its default (auto): a second daemon on the host takes the
+    next free port instead of dying; each logs and records the address it took, and
+    `ckptd status` shows it."""
+    daemons, addresses = [], []
+    for name in ("a", "b"):
+        (tmp_path / name / "ck").mkdir(parents=True)
+        config = tmp_path / name / "ckptd.yaml"
+        config.write_text("state_dir: state\nwatch: [{path: ck}]\n")
+        daemon = start_daemon("--config", str(config), env=wandb_env)
+        daemon.wait_for_log("ckptd started")
+        address = (tmp_path / name / "state" / "metrics.address").read_text().strip()
+        assert f"metrics and health on http://{address}/metrics" in daemon.log()
+        assert get(f"http://{address}/healthz")[0] == 200
+        assert f"metrics: http://{address}/metrics" in ckptd_status(config, wandb_env)
+        daemons.append(daemon)
+        addresses.append(address)
+    assert addresses[0] != addresses[1]
+    assert all(a.startswith("127.0.0.1:94") for a in addresses)
+    for name, daemon in zip(("a", "b"), daemons, strict=True):
+        assert daemon.stop() == 0
+        assert not (tmp_path / name / "state" / "metrics.address").exists()
+
+
+def test_a_port_clash_is_reported_before_anything_is_watched(
+    tmp_path: Path, wandb_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    """An explicit port that is taken: ckptd exits 1 naming metrics.listen and the port,
+    and has watched nothing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "ck").mkdir()
+        config = tmp_path / "ckptd.yaml"
+        config.write_text(f"state_dir: state\nmetrics: {{listen: '127.0.0.1:{port}'}}\n"
+                          "watch: [{path: ck}]\n")  # fmt: skip
+        daemon = start_daemon("--config", str(config), env=wandb_env)
+        assert daemon.proc.wait(60) == 1
+    log = daemon.log()
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use" in log
+    assert "watching" not in log
