@@ -25,6 +25,10 @@ class JournalError(CkptdError):
     """The journal database cannot be opened or written (disk full, read-only, locked)."""
 
 
+class NewerJournal(JournalError):
+    """The journal was written by a newer ckptd, whose schema this one does not know."""
+
+
 class StateDirLocked(JournalError):
     """Another ckptd process holds the lock on this state directory."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.checkpoint import CheckpointInfo, FileState
-from ckptd.errors import JournalError, StateDirLocked
+from ckptd.errors import JournalError, NewerJournal, StateDirLocked
 from ckptd.rows import (
     END_STATES,
     MIGRATIONS,
@@ -62,6 +62,11 @@ def _migrate(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         (recorded,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if int(recorded) > SCHEMA_VERSION:
+            raise NewerJournal(
+                f"the journal was written by a newer ckptd (schema {recorded}; this one knows "
+                f"schema {SCHEMA_VERSION}): upgrade ckptd, or start it on a new state_dir"
+            )
         for version in range(int(recorded) + 1, SCHEMA_VERSION + 1):
             db.execute(MIGRATIONS[version])
         db.execute(
@@ -107,6 +112,9 @@ class Journal:
             db.executescript(SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
             _migrate(db)
+        except NewerJournal as exc:
+            self.close()
+            raise NewerJournal(f"{self.path}: {exc}") from None
         except sqlite3.Error as exc:
             self.close()
             raise JournalError(f"{self.path}: cannot open the journal: {exc}") from None

@@ -159,3 +159,26 @@ def test_version_1_journal_upgrades_and_offline_publishes_start_unconfirmed(
         str(SCHEMA_VERSION),
     )
     check.close()
+
+
+def test_a_journal_written_by_a_newer_ckptd_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """Downgrading ckptd must not run an old schema over a newer journal: opening it fails
+    naming the file and the versions, and the journal is unchanged."""
+    import sqlite3
+
+    from ckptd.errors import NewerJournal
+    from ckptd.rows import SCHEMA_VERSION
+
+    with Journal(tmp_path / "state"):
+        pass
+    path = tmp_path / "state" / "journal.sqlite3"
+    db = sqlite3.connect(path)
+    newer = str(SCHEMA_VERSION + 1)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (newer,))
+    db.commit()
+    db.close()
+    with pytest.raises(NewerJournal, match=f"{path}: the journal was written by a newer ckptd"):
+        Journal(tmp_path / "state").open()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (newer,)
+    db.close()
