@@ -90,23 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     if first not in _COMMANDS and first not in {"-h", "--help", "--version"}:
         args_list.insert(0, "run")
     args = _parser().parse_args(args_list)
+    source = args.config or DEFAULT_CONFIG_PATH
     try:
         config = load_config(args.config)
+        # A config that cannot run is a config error (exit 2), in `check` as at start-up.
+        api_key = _key_for(config, source) if args.command in ("check", "run") else None
     except ConfigError as exc:
         print(f"ckptd: invalid configuration {exc.source}:", file=sys.stderr)
-        for problem in exc.problems:
+        for problem in mask_secrets(exc.problems, os.environ):
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         if args.command == "check":
-            return _check(config, args.config or DEFAULT_CONFIG_PATH)
+            return _check(config, source)
         if args.command == "status":
             return _status(config)
         if args.command == "gc":
             return _gc(config, dry_run=args.dry_run)
         if args.command == "restore":
             return _restore(config, args)
-        return _run(config, once=args.once, until_file=args.until_file, deadline=args.deadline)
+        return _run(
+            config, api_key, once=args.once, until_file=args.until_file, deadline=args.deadline
+        )
     except CkptdError as exc:
         # A path such as api_key_file: "${WANDB_API_KEY}" puts a secret into messages.
         (message,) = mask_secrets([str(exc)], os.environ)
@@ -127,23 +132,22 @@ def _duration_arg(text: str) -> float:
 
 
 def _run(
-    config: Config, *, once: bool, until_file: Path | None = None, deadline: float = 300.0
+    config: Config,
+    api_key: str | None,
+    *,
+    once: bool,
+    until_file: Path | None = None,
+    deadline: float = 300.0,
 ) -> int:
     from ckptd.logs import setup_logging
     from ckptd.priority import lower_priority
     from ckptd.service import Service
-    from ckptd.sinks.wandb import WandbSink, read_api_key
+    from ckptd.sinks.wandb import WandbSink
 
-    api_key = read_api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
     # Before any thread or wandb-core starts: they inherit it.
     running_at = lower_priority(config.upload.priority)
     log.info("running at %s (upload.priority: %s)", running_at, config.upload.priority)
-    if config.wandb.mode == "online" and not api_key:
-        raise CkptdError(
-            "wandb.mode is online but no API key was found: set wandb.api_key_file or "
-            "WANDB_API_KEY (or use mode: offline)"
-        )
     stop = threading.Event()
     signals_seen = 0
 
@@ -183,6 +187,26 @@ def _run(
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _key_for(config: Config, source: Path) -> str | None:
+    """The W&B API key; a ConfigError where online mode has none, or its file is unusable
+    (systemd must not restart into the same failure every 5 s)."""
+    from ckptd.sinks.wandb import read_api_key
+
+    try:
+        key = read_api_key(config)
+    except CkptdError as exc:
+        raise ConfigError(str(source), [str(exc)]) from None
+    if config.wandb.mode == "online" and not key:
+        raise ConfigError(
+            str(source),
+            [
+                "wandb.mode is online but no API key was found: set wandb.api_key_file or "
+                "WANDB_API_KEY (or use mode: offline)"
+            ],
+        )
+    return key
 
 
 def _check(config: Config, source: Path) -> int:

@@ -462,8 +462,9 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
                 [f"the YAML expands to more than {MAX_YAML_NODES} nodes (nested aliases?)"],
             )
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    except yaml.YAMLError as exc:  # PyYAML calls a string "<unicode string>": name the file
+        message = str(exc).replace('"<unicode string>"', source).replace("<unicode string>", source)
+        raise ConfigError(source, [f"not valid YAML: {message}"]) from None
     except RecursionError:
         raise ConfigError(source, ["the YAML nests too deeply"]) from None
     if not isinstance(raw, dict):

@@ -126,3 +126,24 @@ def test_a_mistyped_command_is_refused_with_a_suggestion(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "unknown command 'stauts'; did you mean 'status'?" in result.stderr
     assert run("frobnicate").stderr.startswith("ckptd: unknown command 'frobnicate' (")
+
+
+def test_online_without_a_key_is_a_config_error_in_check_and_at_start(tmp_path: Path) -> None:
+    """`check` refuses an online config without an API key (exit 2, as the daemon itself
+    does at start-up), so systemd's RestartPreventExitStatus=2 does not restart it every 5 s."""
+    import os
+
+    config = tmp_path / "ckptd.yaml"
+    config.write_text("wandb: {mode: online}\nmetrics: null\nwatch: [{path: ck}]\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    for command in (["check"], []):
+        result = subprocess.run(
+            [*CKPTD, *command, "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "wandb.mode is online but no API key was found" in result.stderr
+    config.write_text("wandb: {mode: online, api_key_file: missing-key}\nwatch: [{path: ck}]\n")
+    result = run("check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "wandb.api_key_file: cannot read" in result.stderr

@@ -201,3 +201,11 @@ def test_metrics_listen_takes_a_port_a_range_or_auto(tmp_path: Path) -> None:
     for bad in ("9480", "host:95-90", "host:x", "host:1-70000"):
         (found,) = problems(tmp_path, f"metrics: {{listen: '{bad}'}}\nwatch: [{{path: x}}]\n")
         assert found.startswith("metrics.listen: expected host:port"), found
+
+
+def test_a_yaml_error_names_the_file_and_line(tmp_path: Path) -> None:
+    """A syntax error points at the config file, not PyYAML's "<unicode string>"."""
+    path = write(tmp_path, "watch: [{path: ck]\n")
+    (found,) = problems(tmp_path, "watch: [{path: ck]\n")
+    assert "<unicode string>" not in found
+    assert f"in {path}, line 1, column 18" in found
