@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["DEFAULT_BASE_URL", "HealthServer", "Metrics", "Reachability"]
+__all__ = ["HealthServer", "Metrics", "Reachability"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
 class Reachability:

@@ -31,7 +31,7 @@ from ckptd.errors import JournalError
 from ckptd.hashing import Hasher
 from ckptd.inputs import printable
 from ckptd.journal import Journal, Row
-from ckptd.metrics import DEFAULT_BASE_URL, HealthServer, Metrics, Reachability
+from ckptd.metrics import HealthServer, Metrics
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
 from ckptd.publish import Publisher
@@ -75,9 +75,6 @@ class Service:
         self.retention: Retention | None = None
         self.metrics = Metrics()
         self.drops = DropLog(self.journal, self.metrics)
-        self._reachability = Reachability(
-            config.wandb.base_url or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
-        )
         self.health: HealthServer | None = None
         self.notifier = SystemdNotifier.from_env()
         # md5 is CPU-bound: more hashing threads than cores only interleave the files, so
@@ -507,9 +504,7 @@ class Service:
         parked = self.journal.parked()
         if parked:
             return f"parked: {', '.join(sorted(parked))}"
-        if self.config.wandb.mode == "online":
-            return self._reachability.problem(self.clock())
-        return None
+        return self.sink.problem(self.clock()) if self.sink is not None else "not started"
 
     def status_line(self) -> str:
         """One line for `systemctl status`: queue depth and the last version published."""

@@ -9,6 +9,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Daemon, ckptd_status, wait_until
 from tests.support.checkpoints import renamed_in
 from tests.support.fake_wandb import FakeWandbServer
@@ -183,3 +185,27 @@ def test_a_port_clash_is_reported_before_anything_is_watched(
     log = daemon.log()
     assert f"metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use" in log
     assert "watching" not in log
+
+
+def test_readyz_asks_the_host_the_sdk_talks_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host /readyz probes is the SDK's own choice: `wandb.base_url`, else
+    WANDB_BASE_URL, else the pinned SDK's default (not a host of ckptd's own). Nothing is
+    probed here: offline mode has nothing to reach."""
+    import wandb
+
+    from ckptd.config import load_config
+    from ckptd.sinks.wandb import WandbSink
+
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    config = tmp_path / "ckptd.yaml"
+    config.write_text("watch: [{path: ck}]\n")
+    default = WandbSink(load_config(config)).base_url
+    assert default == str(wandb.Settings().base_url) and default.startswith("https://")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")
+    assert WandbSink(load_config(config)).base_url == "http://127.0.0.1:1"
+    config.write_text('wandb: {base_url: "http://127.0.0.1:2"}\nwatch: [{path: ck}]\n')
+    sink = WandbSink(load_config(config))
+    assert sink.base_url == "http://127.0.0.1:2"
+    assert sink.problem(0.0) is None  # offline

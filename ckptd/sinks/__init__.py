@@ -87,6 +87,11 @@ class Sink(Protocol):
         version and creates no new one; so is a `key` that is recorded already."""
         ...
 
+    def problem(self, now: float) -> str | None:
+        """None while the destination can be reached (for /readyz), else why not. Cheap:
+        it may answer from a probe made up to a few seconds before `now`."""
+        ...
+
     def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
         """Which of `keys` (the `PublishRequest.key` of versions that `publish` returned with
         `committed=False`) are durably recorded now. A key left out was lost and must be

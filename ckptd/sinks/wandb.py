@@ -31,6 +31,7 @@ from typing import Any
 
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
+from ckptd.metrics import Reachability
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
 from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile, offline_runs
 
@@ -87,6 +88,7 @@ class WandbSink:
         self._lock = threading.Lock()
         self._api: Any = None
         self._lineage_skipped: set[str] = set()  # run paths told about offline; under _lock
+        self._reachability: Reachability | None = None  # built on first use (reads wandb)
         self._offline = offline_runs.OfflineLedger(config.state_dir / "wandb")
         self._generation = 0  # bumped each time wandb-core is replaced; under _lock
 
@@ -102,6 +104,22 @@ class WandbSink:
             if type(exc).__name__ in _SERVICE_LOST:
                 self._replace_service(generation)
             raise self._classify(exc, f"publishing {request.collection}") from exc
+
+    def problem(self, now: float) -> str | None:
+        if not self.online:
+            return None  # offline mode records locally: nothing to reach
+        if self._reachability is None:
+            self._reachability = Reachability(self.base_url)
+        return self._reachability.problem(now)
+
+    @property
+    def base_url(self) -> str:
+        """The server the SDK talks to: `wandb.base_url`, else WANDB_BASE_URL, else the
+        pinned SDK's own default (the SDK decides, so /readyz asks the same host)."""
+        import wandb
+
+        given = self.config.wandb.base_url or os.environ.get("WANDB_BASE_URL")
+        return str(wandb.Settings(**({"base_url": given} if given else {})).base_url)
 
     def recorded(self, collection: str, keys: Collection[str]) -> set[str]:
         if self.online:
