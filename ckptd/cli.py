@@ -367,18 +367,24 @@ def _refuse_watched(dest: Path, config: Config) -> None:
 
 def _restore(config: Config, args: argparse.Namespace) -> int:
     from ckptd.logs import setup_logging
-    from ckptd.restore import Target, restore
+    from ckptd.restore import Target, has_checkpoint, restore
     from ckptd.sinks.wandb import read_api_key
 
     if args.config is not None:
         _refuse_watched(args.to, config)
+    if args.if_missing and has_checkpoint(args.to):  # before any key or network is needed
+        print(f"{args.to} already holds a checkpoint; nothing restored")
+        return EXIT_OK
     api_key = read_api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
     if not api_key:
+        offline = args.config is not None and config.wandb.mode == "offline"
         raise CkptdError(
-            "no W&B API key: set WANDB_API_KEY, wandb.api_key_file in --config, or systemd's "
-            "LoadCredential=wandb-api-key"
-        )
+            ("offline mode: restore needs W&B online (a key and the network); versions "
+             "recorded offline are on W&B once `wandb sync` uploaded them. " if offline else "")
+            + "No W&B API key: set WANDB_API_KEY, wandb.api_key_file in --config, or "
+            "systemd's LoadCredential=wandb-api-key"
+        )  # fmt: skip
     target = Target.resolve(
         config, explicit_config=args.config is not None,
         project=args.project, entity=args.entity, api_key=api_key,

@@ -113,7 +113,7 @@ class Reachability:
             return None  # it answered: reachable, whatever it thinks of the path
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            return f"W&B unreachable at {self.base_url}: {reason}"
+            return f"cannot reach {self.base_url}: {reason}"
 
 
 MAX_CONNECTIONS = 32  # concurrent connections to the metrics server; more are closed at once

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any, Literal, TypeVar
 from ckptd.config import Config
 from ckptd.errors import CkptdError
 from ckptd.hashing import md5_b64
+from ckptd.metrics import Reachability
 
 __all__ = [
     "RestoreError",
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = ".ckptd-restore-"
 _VERSION = re.compile(r"^v?(\d+)$")
 _API_TIMEOUT = 60  # seconds for each W&B API call
+_PROBE_TIMEOUT = 10.0  # seconds for the server to answer at all
 _T = TypeVar("_T")
 
 
@@ -185,6 +188,11 @@ def restore(
 def _connect(target: Target) -> Any:
     import wandb
 
+    # Probe first: without a network the SDK says "AuthenticationError", after a long wait.
+    host = target.base_url or str(wandb.Settings().base_url)
+    unreachable = Reachability(host, timeout=_PROBE_TIMEOUT).problem(time.monotonic())
+    if unreachable is not None:
+        raise RestoreError(unreachable)
     overrides = {"base_url": target.base_url} if target.base_url else {}
     return _call(
         lambda: wandb.Api(overrides=overrides, api_key=target.api_key, timeout=_API_TIMEOUT),

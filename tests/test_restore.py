@@ -340,3 +340,63 @@ def test_install_replaces_directories_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in (dest / "checkpoint-500").iterdir()) == ["model.safetensors"]
     assert (dest / "latest").read_text() == "checkpoint-500"
     assert (dest / "other.pt").read_bytes() == b"other"
+
+
+def _restore_cli(
+    args: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CKPTD, "restore", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_if_missing_is_checked_before_a_key_or_the_network_is_needed(
+    tmp_path: Path, wandb_env: dict[str, str]
+) -> None:
+    """A container restarted in the same pod: its DIR holds a checkpoint, so `--if-missing`
+    exits 0 without asking for a key it may not have."""
+    dest = tmp_path / "resume"
+    dest.mkdir()
+    (dest / "ckpt_5.pt").write_bytes(b"x")
+    env = {k: v for k, v in wandb_env.items() if k != "WANDB_API_KEY"}
+    result = _restore_cli(["model-checkpoint", "--to", str(dest), "--if-missing"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "already holds a checkpoint; nothing restored" in result.stdout
+
+
+def test_restore_in_offline_mode_says_it_needs_wandb_online(
+    tmp_path: Path, wandb_env: dict[str, str]
+) -> None:
+    """The example config (offline) and no key: the message says restore needs W&B online,
+    not that a key failed to authenticate."""
+    config = tmp_path / "ckptd.yaml"
+    config.write_text("wandb: {mode: offline}\nwatch: [{path: ck}]\n")
+    env = {k: v for k, v in wandb_env.items() if k != "WANDB_API_KEY"}
+    result = _restore_cli(
+        ["model-checkpoint", "--to", str(tmp_path / "resume"), "--config", str(config)],
+        env, tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "offline mode: restore needs W&B online" in result.stderr
+    assert "AuthenticationError" not in result.stderr
+
+
+def test_restore_without_a_network_says_it_cannot_reach_the_host(
+    tmp_path: Path, wandb_env: dict[str, str]
+) -> None:
+    """No server at the base URL: one line saying it cannot be reached, in seconds, not an
+    AuthenticationError after the SDK's long wait."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**wandb_env, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": nowhere}
+    started = time.monotonic()
+    result = _restore_cli(["model-checkpoint", "--to", str(tmp_path / "resume")], env, tmp_path)
+    assert result.returncode == 1
+    assert f"cannot reach {nowhere}: " in result.stderr, result.stderr
+    assert "AuthenticationError" not in result.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "resume").exists()
