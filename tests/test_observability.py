@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -209,3 +210,36 @@ def test_readyz_asks_the_host_the_sdk_talks_to(
     sink = WandbSink(load_config(config))
     assert sink.base_url == "http://127.0.0.1:2"
     assert sink.problem(0.0) is None  # offline
+
+
+def test_the_sdks_terminal_lines_go_to_ckptds_log_not_stderr(
+    tmp_path: Path,
+    wandb_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Once the sink started the SDK, a `wandb: WARNING ...` line the SDK prints is a ckptd
+    log record instead (so JSON logs stay JSON), and nothing reaches stderr."""
+    import wandb
+
+    from ckptd.config import load_config
+    from ckptd.sinks.wandb import WandbSink
+
+    for key, value in wandb_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nwatch: [{{path: ck}}]\n")
+    sink = WandbSink(load_config(config))
+    try:
+        sink._run("probe")  # starts the SDK (offline), as the first publish does
+        capfd.readouterr()
+        with caplog.at_level(logging.INFO, logger="ckptd.sinks.wandb.sdk"):
+            wandb.termwarn("disk is getting full")
+    finally:
+        sink.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "ckptd.sinks.wandb.sdk"] == [
+        "disk is getting full"
+    ]
+    assert "disk is getting full" not in capfd.readouterr().err

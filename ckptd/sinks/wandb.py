@@ -387,6 +387,7 @@ class WandbSink:
                 id=run_id,
                 resume=None if run_id is None else "allow",
             )
+            _route_terminal_output()
         log.info("W&B run %s started for %s (%s)", run.id, collection, self.config.wandb.mode)
         with self._lock:
             self._runs[collection] = run
@@ -400,6 +401,7 @@ class WandbSink:
                 {"base_url": self.config.wandb.base_url} if self.config.wandb.base_url else {}
             )
             self._api = wandb.Api(overrides=overrides, api_key=self._api_key, timeout=60)
+            _route_terminal_output()
         return self._api
 
     def _qualified(self, collection: str, version: str) -> str:
@@ -433,6 +435,38 @@ class WandbSink:
         if self._api_key:
             text = text.replace(self._api_key, "<api-key>")
         return text
+
+
+class _SdkTerminal:
+    """Where the SDK's own `wandb: ...` terminal lines go instead of stderr: ckptd's log,
+    so that `log.format: json` stays one JSON object per line."""
+
+    _log = logging.getLogger("ckptd.sinks.wandb.sdk")
+
+    def info(self, msg: str) -> None:
+        self._log.info("%s", _plain(msg))
+
+    def warning(self, msg: str) -> None:
+        self._log.warning("%s", _plain(msg))
+
+    def error(self, msg: str) -> None:
+        self._log.error("%s", _plain(msg))
+
+
+def _plain(msg: str) -> str:
+    """The SDK's line without its `wandb: WARNING` prefix: the record's level says it."""
+    text = msg.removeprefix("wandb: ")
+    for level in ("WARNING ", "ERROR "):
+        text = text.removeprefix(level)
+    return text
+
+
+def _route_terminal_output() -> None:
+    """Send the SDK's terminal lines to logging. Its setup (on the first `wandb.init` or
+    `wandb.Api` of the process) installs stderr, so this follows each of them."""
+    import wandb
+
+    wandb.termsetup(wandb.Settings(silent=True), _SdkTerminal())
 
 
 def _remote_version(artifact: Any) -> RemoteVersion:
