@@ -480,6 +480,12 @@ class Detector:
         if found is not None:
             self._expect_sidecar = True
             pending.found_sidecar = found
+            data, path = found
+            if data.get("ignored"):
+                self._warn_once(
+                    f"ignored:{path}", "%s: %s; left out of its metrics (it cannot compete "
+                    "for best)", path, "; ".join(data["ignored"]),
+                )  # fmt: skip
         found = found or pending.found_sidecar  # read before the framework deleted it
         if found is not None:
             return self._merge(base, found)

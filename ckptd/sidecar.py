@@ -155,7 +155,8 @@ def parse(data: bytes, path: Path, *, flat_metadata: bool = False) -> dict[str, 
     """Validate a sidecar's bytes into the nested form. Raises SidecarError naming `path`
     (and the key) on anything else, never another exception.
 
-    Steps are whole numbers in 0..2**63-1; metrics are finite numbers; every string is
+    Steps are whole numbers in 0..2**63-1; a metric that is not a finite number is left
+    out, named in the result's `ignored` (NaN never competes for best); every string is
     valid Unicode and nothing nests deeper than MAX_DEPTH. In the flat form, keys other
     than the documented ones that hold numbers are metrics; others are ignored, or kept as
     metadata when `flat_metadata` is set (the watch entry's `sidecar.flat_metadata`).
@@ -164,7 +165,7 @@ def parse(data: bytes, path: Path, *, flat_metadata: bool = False) -> dict[str, 
 
     try:
         raw = json.loads(data.decode("utf-8"))
-        _check_values(raw, "", 0)
+        _check_document(raw)
         return _validated(raw, flat_metadata)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SidecarError(f"{path}: not valid JSON ({exc})") from None
@@ -180,10 +181,27 @@ class _Invalid(ValueError):
     """A problem with one key of a sidecar (parse adds the file's name)."""
 
 
-def _check_values(value: Any, where: str, depth: int) -> None:
+def _check_document(raw: Any) -> None:
+    """`_check_values` over the whole sidecar, except that a metric may be NaN or infinite:
+    such a metric is left out on its own (see `_validated`), the rest of the sidecar stands."""
+    if not isinstance(raw, dict):
+        return  # _validated says what it should be
+    nested = isinstance(raw.get("metrics"), dict)
+    for key, item in raw.items():
+        _check_text(key, key)
+        if nested and key == "metrics":
+            for name, value in item.items():
+                _check_text(name, f"metrics.{name}")
+                _check_values(value, f"metrics.{name}", 2, finite=False)
+        else:
+            _check_values(item, key, 1, finite=nested or key in _KNOWN)
+
+
+def _check_values(value: Any, where: str, depth: int, *, finite: bool = True) -> None:
     """Refuse what no JSON consumer downstream can carry: NaN and infinities (json reads
-    them, strict JSON and W&B do not), lone surrogates in strings (the journal and W&B need
-    UTF-8), and nesting deeper than MAX_DEPTH."""
+    them, strict JSON and W&B do not) unless `finite` is off (a metric's own value), lone
+    surrogates in strings (the journal and W&B need UTF-8), and nesting deeper than
+    MAX_DEPTH."""
     if depth > MAX_DEPTH:
         raise _Invalid(f"{where or 'the document'} nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
@@ -195,7 +213,7 @@ def _check_values(value: Any, where: str, depth: int) -> None:
             _check_values(item, f"{where}[{index}]", depth + 1)
     elif isinstance(value, str):
         _check_text(value, where)
-    elif isinstance(value, float) and not math.isfinite(value):
+    elif finite and isinstance(value, float) and not math.isfinite(value):
         raise _Invalid(f"{where!r} must be a finite number, got {value!r}")
 
 
@@ -229,15 +247,18 @@ def _validated(raw: Any, flat_metadata: bool) -> dict[str, Any]:
     else:
         metrics = {k: v for k, v in extra.items() if _is_number(v)}
         extra_metadata = {k: v for k, v in extra.items() if k not in metrics}
-    for key, value in metrics.items():
+    ignored = []  # a metric that cannot compete is left out; the rest of the sidecar stands
+    for key, value in list(metrics.items()):
         if not _finite(value):
             where = f"metrics.{key}" if nested else key
-            raise _Invalid(f"{where!r} must be a finite number, got {_short(value)}")
+            ignored.append(f"{where!r} must be a finite number, got {_short(value)}")
+            del metrics[key]
     metadata = raw.get("metadata", {})
     if not isinstance(metadata, dict):
         raise _Invalid(f"'metadata' must be an object, got {type(metadata).__name__}")
     out: dict[str, Any] = {
         "metrics": metrics,
+        "ignored": ignored,
         "aliases": _aliases(raw.get("aliases", [])),
         "metadata": {**extra_metadata, **metadata} if flat_metadata else metadata,
     }

@@ -34,7 +34,7 @@ def test_write_is_atomic_and_reads_back(tmp_path: Path) -> None:
     assert found is not None and found[1] == path
     assert found[0] == {
         "step": 5, "epoch": 1.5, "metrics": {"val_loss": 0.25}, "aliases": ["candidate"],
-        "metadata": {"lr": 0.1}, "run_path": "e/p/r", "description": "nightly",
+        "metadata": {"lr": 0.1}, "run_path": "e/p/r", "description": "nightly", "ignored": [],
     }  # fmt: skip
 
 
