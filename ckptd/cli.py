@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     source = args.config or DEFAULT_CONFIG_PATH
     try:
         config = load_config(args.config)
-        # A config that cannot run is a config error (exit 2), in `check` as at start-up.
-        api_key = _key_for(config, source) if args.command in ("check", "run") else None
+        # A config that cannot run is a config error (exit 2) at start-up. `check` may run
+        # where the key is not visible (systemd hands it over inside the unit): it says so.
+        api_key = _key_for(config, source) if args.command == "run" else None
     except ConfigError as exc:
         print(f"ckptd: invalid configuration {exc.source}:", file=sys.stderr)
         for problem in mask_secrets(exc.problems, os.environ):
@@ -210,11 +211,20 @@ def _key_for(config: Config, source: Path) -> str | None:
 
 
 def _check(config: Config, source: Path) -> int:
-    """Say what the config will do: each watch entry, where it publishes, what it deletes."""
+    """Say what the config will do: each watch entry, where it publishes, what it deletes,
+    and whether the API key an online config needs is visible here."""
     from ckptd.retention import describe
 
     count = len(config.watch)
     print(f"{source}: OK ({count} watch entr{'y' if count == 1 else 'ies'})")
+    if config.wandb.mode == "online":
+        try:
+            _key_for(config, source)
+        except ConfigError as exc:
+            print(
+                f"  note: {exc.problems[0]}; under systemd, LoadCredential=wandb-api-key "
+                "provides it at start. Started without one, ckptd exits 2."
+            )
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
