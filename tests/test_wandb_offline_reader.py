@@ -270,3 +270,14 @@ def _chunk_types(data: bytes) -> Iterator[int]:
         _crc, length, kind = struct.unpack_from("<IHB", data, pos)
         yield kind
         pos += 7 + length
+
+
+def test_a_torn_last_record_is_left_out_when_asked_as_wandb_sync_does(run_file: Path) -> None:
+    """A writer killed mid-record leaves a torn tail: strict reading refuses the file,
+    `torn_tail=True` (what `wandb sync` uploads) gives every record before the tear."""
+    whole = read_records(run_file)
+    data = run_file.read_bytes()
+    run_file.write_bytes(data[: len(data) - 5])
+    with pytest.raises(OfflineRunFormatError):
+        read_records(run_file)
+    assert read_records(run_file, torn_tail=True) == whole[:-1]

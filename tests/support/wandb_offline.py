@@ -82,12 +82,16 @@ def _chunk_crc(chunk_type: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(bytes([chunk_type]))) & 0xFFFFFFFF
 
 
-def iter_record_payloads(data: bytes, *, path: Path | str = "<bytes>") -> Iterator[bytes]:
+def iter_record_payloads(
+    data: bytes, *, path: Path | str = "<bytes>", torn_tail: bool = False
+) -> Iterator[bytes]:
     """Yield the raw payload of every record in the bytes of a run file, checking every CRC.
 
     Raises ``OfflineRunFormatError`` on a bad header, a CRC mismatch, a chunk that runs past
     its block or the end of the file, fragments out of order, non-zero block padding, or a
-    record left unfinished at the end of the file.
+    record left unfinished at the end of the file. With ``torn_tail``, a file that ends in
+    the middle of its last record (a writer killed mid-write) yields the records before it,
+    as ``wandb sync`` reads such a file.
     """
     if len(data) < len(FILE_HEADER):
         raise OfflineRunFormatError(path, 0, f"file is {len(data)} bytes, shorter than the header")
@@ -111,6 +115,8 @@ def iter_record_payloads(data: bytes, *, path: Path | str = "<bytes>") -> Iterat
             pos += left_in_block
             continue
         if len(data) - pos < CHUNK_HEADER.size:
+            if torn_tail:
+                return
             raise OfflineRunFormatError(
                 path, pos, f"truncated chunk header ({len(data) - pos} trailing bytes)"
             )
@@ -121,6 +127,8 @@ def iter_record_payloads(data: bytes, *, path: Path | str = "<bytes>") -> Iterat
                 path, pos, f"chunk length {length} runs past the end of its 32 KiB block"
             )
         if body_start + length > len(data):
+            if torn_tail:
+                return
             raise OfflineRunFormatError(
                 path, pos, f"chunk length {length} runs past the end of the file (truncated?)"
             )
@@ -151,17 +159,19 @@ def iter_record_payloads(data: bytes, *, path: Path | str = "<bytes>") -> Iterat
                 pending = None
         pos = body_start + length
 
-    if pending is not None:
+    if pending is not None and not torn_tail:
         raise OfflineRunFormatError(
             path, pending_start, "file ends inside a fragmented record (truncated?)"
         )
 
 
-def read_records(path: Path | str) -> list[Record]:
-    """Parse every record of one ``run-<id>.wandb`` file, verifying CRCs and framing."""
+def read_records(path: Path | str, *, torn_tail: bool = False) -> list[Record]:
+    """Parse every record of one ``run-<id>.wandb`` file, verifying CRCs and framing
+    (``torn_tail``: see ``iter_record_payloads``)."""
     path = Path(path)
     records: list[Record] = []
-    for index, payload in enumerate(iter_record_payloads(path.read_bytes(), path=path)):
+    data = path.read_bytes()
+    for index, payload in enumerate(iter_record_payloads(data, path=path, torn_tail=torn_tail)):
         record = pb.Record()
         try:
             record.ParseFromString(payload)
@@ -245,8 +255,10 @@ def _artifact_records(records: list[Record]) -> Iterator[ArtifactRecord]:
             yield record.request.log_artifact.artifact
 
 
-def artifacts(path_or_dir: Path | str) -> list[OfflineArtifact]:
-    """Return every artifact logged in a run file, or in all run files under a directory.
+def artifacts(path_or_dir: Path | str, *, torn_tail: bool = True) -> list[OfflineArtifact]:
+    """Return every artifact logged in a run file, or in all run files under a directory:
+    what ``wandb sync`` uploads, so a record torn by a kill -9 at the end of a file is not
+    there (``torn_tail=False`` refuses such a file instead).
 
     Artifacts come in run order (as ``find_run_files`` sorts them), then in log order.
     """
@@ -255,5 +267,5 @@ def artifacts(path_or_dir: Path | str) -> list[OfflineArtifact]:
     return [
         _artifact_from_record(art)
         for run_file in files
-        for art in _artifact_records(read_records(run_file))
+        for art in _artifact_records(read_records(run_file, torn_tail=torn_tail))
     ]
