@@ -281,3 +281,24 @@ def test_a_torn_last_record_is_left_out_when_asked_as_wandb_sync_does(run_file: 
     with pytest.raises(OfflineRunFormatError):
         read_records(run_file)
     assert read_records(run_file, torn_tail=True) == whole[:-1]
+
+
+def test_a_run_left_unclosed_by_a_crash_is_not_resumed(run_file: Path, tmp_path: Path) -> None:
+    """ckptd resumes a collection's offline run id only after that run closed (its last
+    record is the exit record): `wandb sync` of an unclosed run and a later run of the same
+    id, in one command, uploads the first one's versions only. After a crash: a new id."""
+    from ckptd.sinks.offline_runs import run_id
+
+    wandb_dir = tmp_path / "state-wandb"
+    run = wandb_dir / "offline-run-20260101_000000-abc123"
+    run.mkdir(parents=True)
+    closed = run / "run-abc123.wandb"
+    closed.write_bytes(run_file.read_bytes())  # a real run, finished: exit record last
+    (wandb_dir / "ckptd-run-model.id").write_text("abc123\n")
+    assert run_id(wandb_dir, "model") == "abc123"
+    records = read_records(closed)
+    assert records[-1].WhichOneof("record_type") == "exit"
+    closed.write_bytes(run_file.read_bytes()[:-200])  # killed before it closed
+    fresh = run_id(wandb_dir, "model")
+    assert fresh != "abc123" and fresh == run_id(wandb_dir, "model")  # kept from now on
+    assert (wandb_dir / "ckptd-run-model.id").read_text().strip() == fresh

@@ -15,6 +15,7 @@ short by a crash, is read up to its last whole record: what follows is not durab
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -118,15 +119,24 @@ class OfflineLedger:
 
 
 def run_id(wandb_dir: Path, collection: str) -> str:
-    """The offline run id of `collection`, made once and kept in `wandb_dir`, so that every
-    start resumes the same run rather than adding one."""
+    """The offline run id of `collection`, kept in `wandb_dir`, so that every start resumes
+    the same run rather than adding one; a new one after a run that did not close.
+
+    `wandb sync` given a run left unclosed by a kill -9 and a later run of the same id, in one
+    command, uploads the first one's versions only, exits 0, and drops the second one's
+    (measured with wandb 0.31); under a new id both upload."""
     path = wandb_dir / f"ckptd-run-{collection}.id"
     try:
         kept = path.read_text(encoding="ascii").strip()
     except (OSError, ValueError):
         kept = ""  # none yet, or unreadable: a new run
     if re.fullmatch(r"[0-9a-z]{1,64}", kept):
-        return kept
+        if _closed(wandb_dir, kept):
+            return kept
+        log.info(
+            "the last offline run of %s (%s) did not close (ckptd or wandb-core was killed): "
+            "starting a new run, so that one `wandb sync` uploads both", collection, kept,
+        )  # fmt: skip
     made = secrets.token_hex(4)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
@@ -158,6 +168,28 @@ def recorded_keys(wandb_dir: Path, collection: str | None = None) -> set[str]:
         if (collection is None or art.name == collection)
         and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
     }
+
+
+def _closed(wandb_dir: Path, run: str) -> bool:
+    """Did the newest offline run directory of run id `run` close (its last whole record
+    is the run's exit record)? True where there is none yet."""
+    from wandb.proto import wandb_internal_pb2
+
+    newest = max(wandb_dir.glob(f"offline-run-*-{run}/run-{run}.wandb"), default=None,
+                 key=lambda p: p.parent.name)  # fmt: skip
+    if newest is None:
+        return True
+    try:
+        data = newest.read_bytes()
+    except OSError:
+        return False
+    last = collections.deque(_payloads(data, newest), maxlen=1)  # the last whole record
+    record: Any = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+    try:
+        record.ParseFromString(last[0] if last else b"")
+    except Exception:  # protobuf's DecodeError: not a record this reader can use
+        return False
+    return bool(record.WhichOneof("record_type") == "exit")
 
 
 def discard_empty_runs(wandb_dir: Path) -> list[Path]:
