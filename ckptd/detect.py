@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _MAX_RECHECK = 1.0  # seconds between re-checks of a pending candidate with no events
 _MAX_BACKOFF = 30.0  # seconds: the longest an unchanged, unfinished candidate waits unhinted
 _PER_POLL = 2000  # candidates evaluated per step at most: a flood never starves a fresh hint
+_CHANGED_RECHECK = 0.05  # seconds: a candidate that changed while it was being held
 
 
 @dataclass(frozen=True)
@@ -303,11 +304,14 @@ class Detector:
         settled = (
             verdict.committed
             or pending.renamed
-            or self._closed_after_writing(pending)
+            or self._closed_after_writing(pending, now)
             or self._settled(pending, now)
         )
         if not settled:
-            pending.reason = f"waiting for the files to stay unchanged for {self.watch.settle:g}s"
+            reason = f"waiting for the files to stay unchanged for {self.watch.settle:g}s"
+            if reason != pending.reason:
+                log.debug("%s is whole; %s (no close evidence)", unit, reason)
+            pending.reason = reason
             return None
         return self._finish(unit, pending, verdict.files, now)
 
@@ -351,8 +355,9 @@ class Detector:
                 f"hold:{self._holder.staging}", "cannot hold checkpoint %s in %s: %s; "
                 "it is snapshotted once finished instead", unit, self._holder.staging, exc,
             )  # fmt: skip
-        except CheckpointChanged as exc:  # it is being written: look again soon
+        except CheckpointChanged as exc:  # it is being written: look again soon, not in 1 s
             log.debug("%s: %s", unit, exc)
+            pending.recheck_at = now + _CHANGED_RECHECK
             return False
         if pending.info is None:
             pending.info = self.fmt.info(unit)
@@ -373,7 +378,7 @@ class Detector:
             self.drop(unit, "vanished", f"its hold in {hold.dest} was removed")
             return None
         self._observe(pending, linked, now)
-        if not (self._closed_after_writing(pending) or self._settled(pending, now)):
+        if not (self._closed_after_writing(pending, now) or self._settled(pending, now)):
             pending.reason = "deleted by its writer; its held files are settling"
             return None
         log.info("%s was deleted after it was whole; publishing the held files", unit)
@@ -441,7 +446,7 @@ class Detector:
             return base
         return min(_MAX_BACKOFF, base * 2.0 ** min(pending.quiet - 3, 10))
 
-    def _closed_after_writing(self, pending: _Candidate) -> bool:
+    def _closed_after_writing(self, pending: _Candidate, now: float) -> bool:
         """inotify's evidence that the unit is written: no file has been written since it
         was last closed, and each one either was seen closed or, the kernel says, is open
         for writing nowhere (ckptd.writers). The latter covers files written before the
@@ -454,10 +459,18 @@ class Detector:
         paths = [pending.base / f.name for f in pending.files]
         states = [pending.closed.get(str(path)) for path in paths]
         if False in states:
+            log.debug("%s: written since its last close", paths[states.index(False)])
             return False
         for path, closed in zip(paths, states, strict=True):
             busy = open_for_writing(path)
+            if busy and closed:
+                # The close event comes before the kernel drops the file's write count: a
+                # few microseconds in which a closed file still counts as open. Look again
+                # soon rather than at the next re-check, which no event will bring forward.
+                pending.recheck_at = min(pending.recheck_at, now + _CHANGED_RECHECK)
             if busy or (busy is None and not closed):
+                log.debug("%s: no close evidence yet (closed %s, open for writing %s)",
+                          path, closed, busy)  # fmt: skip
                 return False
         return True
 

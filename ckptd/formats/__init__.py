@@ -185,8 +185,10 @@ class FileFormat(CheckpointFormat):
         refused = regular_problem(unit)  # a FIFO named ckpt.pt would block the reader
         if refused is not None:
             return Verdict(False, refused, refused=refused)
-        files = stat_files(unit)
+        # Read, then stat: the identity kept with a "whole" verdict is never older than the
+        # bytes judged (a write finishing in between would fail the hold's comparison).
         problem = check_file(unit)
+        files = stat_files(unit)
         if problem is not None:
             return Verdict(False, problem, files=files)
         return Verdict(True, files=files)
