@@ -134,6 +134,13 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(path))
 
 
+def _positive(seconds: float) -> float:
+    """A duration that must be more than zero (an interval, a timeout)."""
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0s, got {seconds:g}s")
+    return seconds
+
+
 def valid_alias(alias: str) -> bool:
     """W&B's rule for aliases: 1 to 128 characters, without '/' or ':'."""
     return bool(_ALIAS.match(alias))
@@ -309,12 +316,7 @@ class WatchConfig(_Model):
             raise ValueError("at least one pattern is needed")
         return patterns
 
-    @field_validator("poll_interval")
-    @classmethod
-    def _positive_poll(cls, seconds: float) -> float:
-        if seconds <= 0:
-            raise ValueError(f"must be more than 0s, got {seconds:g}s")
-        return seconds
+    _positive_poll = field_validator("poll_interval")(_positive)
 
 
 AUTO_LISTEN = ("127.0.0.1", tuple(range(9480, 9500)))
@@ -326,12 +328,7 @@ class MetricsConfig(_Model):
     listen: str | None = "auto"
     stall_after: Duration = 300.0  # /healthz fails when a coordinator step takes longer
 
-    @field_validator("stall_after")
-    @classmethod
-    def _positive_stall(cls, seconds: float) -> float:
-        if seconds <= 0:
-            raise ValueError(f"must be more than 0s, got {seconds:g}s")
-        return seconds
+    _positive_stall = field_validator("stall_after")(_positive)
 
     @field_validator("listen")
     @classmethod

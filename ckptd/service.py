@@ -175,13 +175,7 @@ class Service:
                 batch_began = self.clock()
                 self._next_rescan = [0.0 for _ in self._next_rescan]
             now = self.clock()
-            try:
-                due = self.run_once(now)
-            except JournalError as exc:
-                # A full or read-only state_dir: say so (once per distinct problem) and try
-                # again shortly; nothing was lost, the journal is transactional.
-                self._report_journal_problem(exc)
-                due = now + _JOURNAL_RETRY
+            due = self._step(now)
             if self.notifier.enabled:  # the status line costs journal queries
                 self.notifier.tick(now, self.status_line())
             if once and self.idle(now, once_deadline):
@@ -202,6 +196,16 @@ class Service:
                     self._accept(detector, ready, now)
         except JournalError as exc:
             self._report_journal_problem(exc)
+
+    def _step(self, now: float) -> float:
+        """`run_once`, riding out a journal that cannot be written: a full or read-only
+        state_dir is said once per distinct problem and tried again shortly; nothing was
+        lost, the journal is transactional."""
+        try:
+            return self.run_once(now)
+        except JournalError as exc:
+            self._report_journal_problem(exc)
+            return now + _JOURNAL_RETRY
 
     def _report_journal_problem(self, exc: JournalError) -> None:
         message = str(exc)
@@ -258,12 +262,7 @@ class Service:
             log.info("stopping: publishing %d queued checkpoint(s) first, up to %.0fs",
                      queued, deadline - self.clock())  # fmt: skip
         while self.clock() < deadline and (self._busy() or self._queued_rows()):
-            now = self.clock()
-            try:
-                due = self.run_once(now)
-            except JournalError as exc:
-                self._report_journal_problem(exc)
-                due = now + _JOURNAL_RETRY
+            due = self._step(self.clock())
             self.wake.wait(max(0.0, min(due, deadline, self.clock() + _IDLE_WAKE) - self.clock()))
             self.wake.clear()
 
