@@ -27,12 +27,6 @@ class CannotLink(OSError):
     """`take(copy=False)` met a file it cannot hard-link (another filesystem, say)."""
 
 
-def _same_bytes(before: FileState, after: FileState, linked: bool) -> bool:
-    if linked:
-        return (before.size, before.ino, before.mtime_ns) == (after.size, after.ino, after.mtime_ns)
-    return (before.size, before.mtime_ns) == (after.size, after.mtime_ns)
-
-
 def take(
     base: Path, files: tuple[FileState, ...], dest: Path, *, copy: bool = True
 ) -> tuple[FileState, ...]:
@@ -51,7 +45,7 @@ def take(
             target.parent.mkdir(parents=True, exist_ok=True)
             linked = _link_or_copy(source, target, copy)
             now = FileState.of(expected.name, source if not linked else target)
-            if not _same_bytes(expected, now, linked):
+            if not expected.same_bytes(now, same_inode=linked):
                 raise CheckpointChanged(f"{source} changed while it was being snapshotted")
             states.append(FileState.of(expected.name, target))
         return tuple(states)
@@ -104,7 +98,7 @@ def verify(dest: Path, files: tuple[FileState, ...]) -> str | None:
             now = FileState.of(expected.name, dest / expected.name)
         except FileNotFoundError:
             return f"{dest / expected.name} vanished from the snapshot"
-        if not _same_bytes(expected, now, linked=True):
+        if not expected.same_bytes(now):
             return f"{expected.name} was rewritten in place while it was uploaded"
     return None
 

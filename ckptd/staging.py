@@ -13,17 +13,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ckptd import snapshot
 from ckptd.checkpoint import FileState
-from ckptd.detect import Detector, ReadyCheckpoint
+from ckptd.detect import ReadyCheckpoint
 from ckptd.errors import CheckpointChanged
 from ckptd.logs import worth_logging
 
-__all__ = ["Stager", "Taken"]
+__all__ = ["NotTaken", "Stager", "Taken"]
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,24 @@ log = logging.getLogger(__name__)
 class Taken:
     """A snapshot that is complete and verified, for the coordinator to journal."""
 
-    detector: Detector
     ready: ReadyCheckpoint
     dest: Path
     files: tuple[FileState, ...]
 
 
+@dataclass(frozen=True)
+class NotTaken:
+    """A snapshot that failed, for the coordinator to tell the detector: the checkpoint
+    `vanished` (rotated away: forget it), `crashed` (drop it, with `detail`), or the failure
+    is worth `retry`ing when the detector offers it again."""
+
+    ready: ReadyCheckpoint
+    outcome: Literal["vanished", "crashed", "retry"]
+    detail: str = ""
+
+
 @dataclass
 class _Job:
-    detector: Detector
     ready: ReadyCheckpoint
     dest: Path
     future: Future[tuple[FileState, ...]]
@@ -48,18 +59,25 @@ class _Job:
 
 class Stager:
     """Takes snapshots under `staging`: `take()` links at once or starts a copy, which
-    `collect()` hands over when done. A failure is logged and the checkpoint is tried again
-    when the detector offers it again."""
+    `collect()` hands over when done. A failure is logged and handed back as `NotTaken`."""
 
-    def __init__(self, staging: Path, wake: threading.Event) -> None:
+    def __init__(
+        self,
+        staging: Path,
+        wake: threading.Event,
+        pool: Callable[[], Executor] = lambda: ThreadPoolExecutor(
+            1, thread_name_prefix="ckptd-snapshot"
+        ),
+    ) -> None:
         self.staging = staging
         self._wake = wake
-        self._pool: ThreadPoolExecutor | None = None
+        self._make_pool = pool
+        self._pool: Executor | None = None
         self._jobs: dict[Path, _Job] = {}  # unit -> snapshot in flight
         self._failures: dict[Path, int] = {}  # unit -> failed attempts in a row
 
     def start(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-snapshot")
+        self._pool = self._make_pool()
 
     def busy(self, unit: Path) -> bool:
         """Is a snapshot of `unit` in flight? (The detector offers it again meanwhile.)"""
@@ -68,7 +86,7 @@ class Stager:
     def in_flight(self) -> list[Future[tuple[FileState, ...]]]:
         return [job.future for job in self._jobs.values()]
 
-    def take(self, detector: Detector, ready: ReadyCheckpoint) -> Taken | None:
+    def take(self, ready: ReadyCheckpoint) -> Taken | NotTaken | None:
         """Link `ready` into staging now, or start copying it (None: see `collect()`)."""
         assert self._pool is not None, "start() first"
         dest = self.staging / f"{ready.watch.artifact}-{time.time_ns()}"
@@ -77,17 +95,16 @@ class Stager:
         except snapshot.CannotLink:
             future = self._pool.submit(snapshot.take, ready.base, ready.files, dest)
             future.add_done_callback(lambda _: self._wake.set())
-            self._jobs[ready.unit] = _Job(detector, ready, dest, future)
+            self._jobs[ready.unit] = _Job(ready, dest, future)
             return None
         except (OSError, CheckpointChanged) as exc:
-            self._failed(detector, ready.unit, exc)
-            return None
+            return self._failed(ready, exc)
         self._failures.pop(ready.unit, None)
-        return Taken(detector, ready, dest, files)
+        return Taken(ready, dest, files)
 
-    def collect(self) -> list[Taken]:
+    def collect(self) -> list[Taken | NotTaken]:
         """The copies finished since the last call, in the order they were started."""
-        taken = []
+        done: list[Taken | NotTaken] = []
         for unit, job in list(self._jobs.items()):
             if not job.future.done():
                 continue
@@ -95,28 +112,30 @@ class Stager:
             try:
                 files = job.future.result()
             except (OSError, CheckpointChanged) as exc:
-                self._failed(job.detector, unit, exc)
+                done.append(self._failed(job.ready, exc))
             except Exception as exc:  # this checkpoint alone; the others are collected
                 snapshot.remove(job.dest)
-                job.detector.drop(unit, "crashed", f"{type(exc).__name__}: {exc}")
+                done.append(NotTaken(job.ready, "crashed", f"{type(exc).__name__}: {exc}"))
             else:
                 self._failures.pop(unit, None)
-                taken.append(Taken(job.detector, job.ready, job.dest, files))
-        return taken
+                done.append(Taken(job.ready, job.dest, files))
+        return done
 
-    def _failed(self, detector: Detector, unit: Path, exc: OSError | CheckpointChanged) -> None:
+    def _failed(self, ready: ReadyCheckpoint, exc: OSError | CheckpointChanged) -> NotTaken:
+        unit = ready.unit
         if isinstance(exc, FileNotFoundError):
             log.info("%s was deleted before it could be snapshotted (rotated away)", unit)
-            detector.forget(unit)
-        elif isinstance(exc, CheckpointChanged):
+            return NotTaken(ready, "vanished")
+        if isinstance(exc, CheckpointChanged):
             log.info("%s; waiting for it to settle again", exc)
-        else:
-            failures = self._failures[unit] = self._failures.get(unit, 0) + 1
-            if worth_logging(failures):
-                log.error(
-                    "cannot snapshot %s into %s: %s (attempt %d); retrying: is state_dir "
-                    "full or read-only?", unit, self.staging, exc.strerror or exc, failures,
-                )  # fmt: skip
+            return NotTaken(ready, "retry")
+        failures = self._failures[unit] = self._failures.get(unit, 0) + 1
+        if worth_logging(failures):
+            log.error(
+                "cannot snapshot %s into %s: %s (attempt %d); retrying: is state_dir "
+                "full or read-only?", unit, self.staging, exc.strerror or exc, failures,
+            )  # fmt: skip
+        return NotTaken(ready, "retry")
 
     def shutdown(self) -> None:
         """Stop taking snapshots. One being copied runs on to its end; what it leaves in

@@ -32,6 +32,7 @@ from typing import Any
 
 from ckptd import snapshot
 from ckptd.sinks import PublishRequest, SinkFile
+from ckptd.sinks.metadata import key_of
 
 __all__ = [
     "OfflineLedger",
@@ -166,7 +167,7 @@ def recorded_keys(wandb_dir: Path, collection: str | None = None) -> set[str]:
         key
         for art in recorded_artifacts(wandb_dir)
         if (collection is None or art.name == collection)
-        and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
+        and (key := key_of(art.metadata)) is not None
     }
 
 
