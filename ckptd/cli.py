@@ -207,7 +207,7 @@ def _key_for(config: Config, source: Path) -> str | None:
 def _check(config: Config, source: Path) -> int:
     """Say what the config will do: each watch entry, where it publishes, what it deletes,
     and whether the API key an online config needs is visible here."""
-    from ckptd.retention import describe
+    from ckptd.retention.plan import describe
 
     count = len(config.watch)
     print(f"{source}: OK ({count} watch entr{'y' if count == 1 else 'ies'})")
@@ -276,7 +276,7 @@ def _gc(config: Config, *, dry_run: bool) -> int:
 
     from ckptd.errors import StateDirLocked
     from ckptd.logs import setup_logging
-    from ckptd.retention_exec import Retention
+    from ckptd.retention.run import Retention
     from ckptd.sinks import factory
 
     api_key = factory.api_key(config)

@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.checkpoint import content_digest
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import JournalError
@@ -136,10 +136,10 @@ class Hasher:
             )
             return
         md5s = {name: f.result() for name, f in job.futures.items()}
-        problem = snapshot.verify(Path(row.snapshot), row.files)
+        problem = staging.verify(Path(row.snapshot), row.files)
         if problem is not None:
             self.journal.supersede(row.id, now, problem)
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
             log.info("%s changed while it was hashed (%s); it will be re-detected",
                      row.source, problem)  # fmt: skip
             return

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.config import Config, WatchConfig
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import PublishError
@@ -105,7 +105,7 @@ class Publisher:
         here (superseded, quarantined, or failed to start)."""
         watch = self.watch_of(row)
         assert row.snapshot is not None
-        if (problem := snapshot.verify(Path(row.snapshot), row.files)) is not None:
+        if (problem := staging.verify(Path(row.snapshot), row.files)) is not None:
             return self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
         twin = self._same_content(row)
         if twin is not None:
@@ -172,7 +172,7 @@ class Publisher:
         now = self.clock()
         self.journal.mark_aliased(row.id, now)
         if row.snapshot and row.durable:  # else kept to publish again if the record is lost
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
         self._count_success(row, now)
         return Outcome(aliased=True)
 
@@ -194,7 +194,7 @@ class Publisher:
                 if _key(row) in durable:
                     self.journal.confirm(row.id, self.clock())
                     if row.state == "aliased" and row.snapshot:
-                        snapshot.remove(Path(row.snapshot))
+                        staging.remove(Path(row.snapshot))
                 elif again:
                     left += self._publish_again(row)
                 else:
@@ -204,7 +204,7 @@ class Publisher:
     def _publish_again(self, row: Row) -> list[Row]:
         """Publish a row whose offline record was lost; [row] while it stays unconfirmed."""
         assert row.snapshot is not None
-        if (problem := snapshot.verify(Path(row.snapshot), row.files)) is not None:
+        if (problem := staging.verify(Path(row.snapshot), row.files)) is not None:
             self.journal.confirm(row.id, self.clock())  # nothing left to publish it from
             if self.drops is not None:
                 self.drops.record(Drop(row.collection, row.source, "unrecorded", problem),
@@ -264,7 +264,7 @@ class Publisher:
         self.journal.fail(row.id, now, f"{reason}: {detail}")
         self.metrics.failed.labels(collection=row.collection).inc()
         if row.snapshot:
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
         if self.drops is not None:
             self.drops.record(Drop(row.collection, row.source, reason, detail), now)
         else:
@@ -394,7 +394,7 @@ class Publisher:
         self.journal.supersede(row.id, self.clock(), reason)
         self.metrics.superseded.labels(collection=row.collection).inc()
         if row.snapshot:
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
         log.info("not publishing %s: %s", row.source, reason)
         return Outcome()
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ckptd import leftovers, snapshot
+from ckptd import leftovers
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
@@ -43,9 +43,9 @@ from ckptd.metrics import HealthServer, Metrics
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
 from ckptd.publish import Outcome, Publisher, Submitted
-from ckptd.retention_exec import Retention
+from ckptd.retention.run import Retention
 from ckptd.sinks import Sink
-from ckptd.staging import NotTaken, Stager, Taken
+from ckptd.staging import NotTaken, Stager, Taken, remove
 from ckptd.watcher import Hint, Watcher, observer_kind
 
 __all__ = ["Pools", "Service"]
@@ -329,7 +329,7 @@ class Service:
             except JournalError:
                 for rest in finished[index + 1 :]:  # offered again once the journal works
                     if isinstance(rest, Taken):
-                        snapshot.remove(rest.dest)
+                        remove(rest.dest)
                 raise
         self._hasher.collect(now)
         live = self.journal.rows(states=_LIVE)  # read once: every stage below works from it
@@ -414,7 +414,7 @@ class Service:
         if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
             detector.mark_done(ready)
             if ready.hold is not None:
-                snapshot.remove(ready.hold.dest)
+                remove(ready.hold.dest)
         elif ready.hold is not None:  # held since it was whole: the hold is the snapshot
             self._record(Taken(ready, ready.hold.dest, ready.hold.files), now)
         elif not self._stager.busy(ready.unit):
@@ -436,10 +436,10 @@ class Service:
             self.journal.add(new, now)
         except JournalError:
             if ready.hold is None:  # a hold stays the detector's, offered again later
-                snapshot.remove(taken.dest)
+                remove(taken.dest)
             raise
         except Exception:  # never offered again (see _guarded): no row points at it
-            snapshot.remove(taken.dest)
+            remove(taken.dest)
             raise
         self._detector_of[id(watch)].mark_done(ready)
         self.drops.clear(watch.artifact, ready.unit)
@@ -602,7 +602,7 @@ class Service:
         live = {r.snapshot for r in rows}
         for entry in self.staging.iterdir():
             if str(entry) not in live:
-                snapshot.remove(entry)
+                remove(entry)
 
     # -- introspection -----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.errors import JournalError, StateDirLocked
 from ckptd.journal import Journal, NewRow
-from ckptd.rows import SCHEMA, SCHEMA_VERSION
+from ckptd.journal.rows import SCHEMA, SCHEMA_VERSION
 
 FILES = (FileState("ckpt.pt", 10, 1, 2, 3),)
 
@@ -185,7 +185,7 @@ def test_a_journal_written_by_a_newer_ckptd_is_refused_and_left_alone(tmp_path: 
     import sqlite3
 
     from ckptd.errors import NewerJournal
-    from ckptd.rows import SCHEMA_VERSION
+    from ckptd.journal.rows import SCHEMA_VERSION
 
     with Journal(tmp_path / "state"):
         pass

@@ -21,7 +21,7 @@ import pytest
 from ckptd.checkpoint import CheckpointInfo, stat_files
 from ckptd.config import Config, load_config
 from ckptd.journal import Journal, NewRow
-from ckptd.retention_exec import Retention
+from ckptd.retention.run import Retention
 from ckptd.sinks.wandb import WandbSink
 from tests.conftest import CKPTD, Daemon, wait_until
 from tests.support.checkpoints import renamed_in

@@ -32,7 +32,7 @@ from typing import Any
 from ckptd import sidecar
 from ckptd.checkpoint import FileState
 from ckptd.errors import JournalError, NewerJournal, StateDirLocked
-from ckptd.rows import (
+from ckptd.journal.rows import (
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,

@@ -32,7 +32,7 @@ from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError, VersionLinked
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
-from ckptd.retention import (
+from ckptd.retention.plan import (
     Decision,
     LocalCheckpoint,
     RetentionPlan,
