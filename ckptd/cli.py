@@ -343,14 +343,46 @@ def _restore_parser(p: argparse.ArgumentParser) -> None:
         "--if-missing", action="store_true", help="do nothing when DIR already has a checkpoint"
     )
     p.add_argument(
-        "--allow-reference-root", action="append", default=[], type=Path, metavar="DIR",
-        help="follow file:// references under DIR (repeatable); by default a version that "
-        "references files instead of holding them is refused",
+        "--allow-reference-root", action="append", default=[], type=_reference_root,
+        metavar="DIR|URI",
+        help="follow file:// references under DIR, or s3:// and gs:// references under URI "
+        "(s3://bucket/prefix/) (repeatable); the reference of each watch entry in --config "
+        "that publishes ARTIFACT is allowed too; any other reference is refused",
     )  # fmt: skip
     p.add_argument(
         "--config", "-c", type=Path, default=None,
         help="config file for project, entity, base_url and api_key_file",
     )  # fmt: skip
+
+
+def _reference_root(text: str) -> Path | str:
+    """A directory, or an object store prefix (as given, with a trailing '/')."""
+    from ckptd import references
+
+    if "://" not in text:
+        return Path(text)
+    try:
+        return references.check_store_uri(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _reference_allowed(
+    config: Config | None, artifact: str, given: list[Path | str]
+) -> tuple[list[Path], list[str]]:
+    """(directories, object store prefixes) whose references restore may follow: those given
+    by --allow-reference-root, and the reference of each watch entry publishing `artifact`
+    (its versions reference exactly there)."""
+    roots = [root for root in given if isinstance(root, Path)]
+    prefixes = [root for root in given if isinstance(root, str)]
+    for watch in () if config is None else config.watch:
+        if watch.artifact != artifact or watch.reference is None:
+            continue
+        if watch.reference == "file":
+            roots.append(watch.path)
+        elif not isinstance(watch.reference, str):
+            prefixes.append(watch.reference.uri)
+    return roots, prefixes
 
 
 def _alias_arg(text: str) -> str:
@@ -400,9 +432,11 @@ def _restore(config: Config, args: argparse.Namespace) -> int:
         project=args.project, entity=args.entity, api_key=api_key,
     )  # fmt: skip
     refs = [args.version] if args.version else args.alias or ["latest"]
+    watched = config if args.config is not None else None
+    roots, prefixes = _reference_allowed(watched, args.artifact, args.allow_reference_root)
     result = restore(
         args.artifact, args.to, target, refs=refs, if_missing=args.if_missing,
-        reference_roots=args.allow_reference_root,
+        reference_roots=roots, reference_prefixes=prefixes,
     )  # fmt: skip
     print(result.message)
     return EXIT_OK

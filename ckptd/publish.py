@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckptd import snapshot
+from ckptd import references, snapshot
 from ckptd.config import Config, WatchConfig
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import PublishError
@@ -77,6 +77,13 @@ class Publisher:
         snap = Path(row.snapshot)
         if (problem := snapshot.verify(snap, row.files)) is not None:
             self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
+            return
+        if (moved := self._unreferenceable(row, watch)) is not None:
+            kind, detail = moved
+            if kind == "changed":
+                self._supersede(row, f"{detail}; the new content is a checkpoint of its own")
+            else:
+                self._quarantine(row, "unreferenceable", detail)
             return
         twin = self._same_content(row)
         if twin is not None:
@@ -188,11 +195,19 @@ class Publisher:
         watch = self.watch_of(row)
         assert row.snapshot is not None
         snap = Path(row.snapshot)
+        base = references.checkpoint_base(row.source, [f.name for f in row.files])
         return PublishRequest(
             collection=row.collection,
             type=watch.type,
             files=tuple(
-                SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
+                SinkFile(
+                    f.name,
+                    snap / f.name,
+                    row.md5s[f.name],
+                    f.size,
+                    ref=references.reference_of(watch.reference, base / f.name),
+                )
+                for f in row.files
             ),
             aliases=aliases,
             metadata=self._metadata(row),
@@ -201,6 +216,15 @@ class Publisher:
             ttl=watch.retention.remote.ttl,
             key=_key(row),
         )
+
+    def _unreferenceable(self, row: Row, watch: WatchConfig) -> tuple[str, str] | None:
+        """For `reference: file`, ("gone" or "changed", why) where the files at the
+        checkpoint's path are no longer the ones that were hashed (a reference records the
+        path, not the bytes), else None. An object store's ETag says it at publishing."""
+        if watch.reference != "file":
+            return None
+        base = references.checkpoint_base(row.source, [f.name for f in row.files])
+        return references.source_changed(base, row.files)
 
     def _quarantine(self, row: Row, reason: str, detail: str) -> None:
         """A permanent problem of this checkpoint alone: `failed` with the reason, a drop,

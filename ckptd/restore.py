@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
+from ckptd import references
 from ckptd.config import Config
 from ckptd.errors import CkptdError
 from ckptd.hashing import md5_b64
@@ -139,12 +140,15 @@ def restore(
     refs: Iterable[str] = ("latest",),
     if_missing: bool = False,
     reference_roots: Iterable[Path] = (),
+    reference_prefixes: Iterable[str] = (),
 ) -> Restored:
     """Download the first of `refs` (aliases or `vN`) that exists into `dest`.
 
     A version whose manifest references files elsewhere is refused unless each reference
-    is an http(s) URL or a `file://` path under one of `reference_roots`: a reference is
-    followed by the SDK, so a hostile version could copy any local file into `dest`."""
+    is an http(s) URL, a `file://` path under one of `reference_roots`, or an object under
+    one of `reference_prefixes` (`s3://bucket/prefix/`): a reference is followed by the SDK
+    with the caller's own credentials, so a hostile version could copy any local file, or
+    any object those credentials can read, into `dest`."""
     refs = tuple(refs) or ("latest",)
     if if_missing and has_checkpoint(dest):
         return Restored("skipped", f"{dest} already holds a checkpoint; nothing restored")
@@ -161,7 +165,9 @@ def restore(
             log.info("%s:%s does not exist", where, ref)
             continue
         label = f"{where}:{found.version}"
-        refuse_references(found.manifest.entries, label, tuple(reference_roots))
+        refuse_references(
+            found.manifest.entries, label, tuple(reference_roots), tuple(reference_prefixes)
+        )
         files = _download(found, label, dest, key)
         return Restored(
             "restored",
@@ -270,9 +276,12 @@ def _download(artifact: Any, label: str, dest: Path, api_key: str | None) -> tup
     return tuple(names)
 
 
-def refuse_references(entries: Mapping[str, Any], label: str, roots: tuple[Path, ...]) -> None:
+def refuse_references(
+    entries: Mapping[str, Any], label: str, roots: tuple[Path, ...], prefixes: tuple[str, ...] = ()
+) -> None:
     """Raise RestoreError unless every reference entry points where the user allows: an
-    http(s) URL, or a `file://` path that resolves under one of `roots`."""
+    http(s) URL, a `file://` path that resolves under one of `roots`, or an `s3://`/`gs://`
+    object under one of `prefixes`."""
     real_roots = [Path(os.path.realpath(root)) for root in roots]
     for name, entry in sorted(entries.items()):
         ref = getattr(entry, "ref", None)
@@ -290,22 +299,39 @@ def refuse_references(entries: Mapping[str, Any], label: str, roots: tuple[Path,
                 f"{label}: refusing {name!r}: it references {ref}, outside the directories "
                 f"allowed by --allow-reference-root ({allowed})"
             )
+        if url.scheme in references.OBJECT_STORE_SCHEMES:
+            if any(str(ref).startswith(prefix) for prefix in prefixes):
+                continue
+            allowed = ", ".join(prefixes) or "none"
+            raise RestoreError(
+                f"{label}: refusing {name!r}: it references {ref}, outside the prefixes "
+                f"allowed by --allow-reference-root or a watch entry's reference.uri ({allowed})"
+            )
         raise RestoreError(
-            f"{label}: refusing {name!r}: it references {ref}; only http(s) references and "
-            "file:// under --allow-reference-root are followed"
+            f"{label}: refusing {name!r}: it references {ref}; only http(s) references, "
+            "file:// and s3:// or gs:// under --allow-reference-root are followed"
         )
 
 
 def _verify(path: Path, entry: Any, label: str) -> None:
-    """The downloaded file has the manifest's size and md5 (reference entries: size only)."""
+    """The downloaded file has the manifest's size and md5. A reference's digest is what its
+    store reports: an md5 for `file://`, a single-part S3 object's ETag and GCS's md5, which
+    are checked; a multipart ETag is no md5, and the SDK compared it with the store's own
+    before downloading, so its size is checked alone."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise RestoreError(f"{label}: missing from the download") from None
     if entry.size is not None and size != entry.size:
         raise RestoreError(f"{label}: {size} bytes downloaded, the manifest says {entry.size}")
-    if entry.ref is None and md5_b64(path) != entry.digest:
-        raise RestoreError(f"{label}: md5 does not match the manifest (corrupt download)")
+    digest = str(entry.digest)
+    if entry.ref is None:
+        if md5_b64(path) != digest:
+            raise RestoreError(f"{label}: md5 does not match the manifest (corrupt download)")
+    elif references.is_md5(digest) and not references.md5_matches(digest, md5_b64(path)):
+        raise RestoreError(
+            f"{label}: md5 does not match the digest {digest} the manifest has for {entry.ref}"
+        )
 
 
 def _install(staging: Path, dest: Path) -> None:

@@ -24,11 +24,13 @@ import logging
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd import references
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
 from ckptd.metrics import Reachability
@@ -487,7 +489,11 @@ def _remote_version(artifact: Any) -> RemoteVersion:
 
 def _add_file(artifact: Any, file: SinkFile) -> None:
     """Add a file with ckptd's own md5 (no re-hash, no copy); fall back to the public call
-    if this SDK's artifact does not take a precomputed digest."""
+    if this SDK's artifact does not take a precomputed digest. A file with a `ref` is added
+    as that reference."""
+    if file.ref is not None:
+        _add_reference(artifact, file, file.ref)
+        return
     add_local = getattr(artifact, "_add_local_file", None)
     if (
         add_local is not None
@@ -499,3 +505,36 @@ def _add_file(artifact: Any, file: SinkFile) -> None:
         )
         return
     artifact.add_file(str(file.path), name=file.name, skip_cache=True, policy="immutable")
+
+
+def _add_reference(artifact: Any, file: SinkFile, ref: str) -> None:
+    """Record `file` as a reference to `ref`, uploading nothing.
+
+    `file://`: with ckptd's md5 (the SDK's checksum would read the file once more).
+    `s3://`, `gs://`: the SDK's `add_reference` asks the store for the object's ETag and
+    size, and they must say the object holds the bytes ckptd detected as finished; where they
+    do not (a mount that has not uploaded the file yet, an object that was replaced), the
+    publish fails as transient and is retried.
+    """
+    if urllib.parse.urlsplit(ref).scheme == "file":
+        (entry,) = artifact.add_reference(ref, name=file.name, checksum=False)
+        entry.digest = file.md5_b64
+        entry.size = file.size
+        return
+    entries = artifact.add_reference(ref, name=file.name, checksum=True)
+    # A key that is not an object is read by the SDK as a prefix: whatever it lists is wrong.
+    entry = entries[0] if len(entries) == 1 and entries[0].ref == ref else None
+    if entry is None:
+        raise PublishError(f"{file.name}: {ref} is not in the object store", transient=True)
+    if entry.size != file.size:
+        raise PublishError(
+            f"{file.name}: {ref} holds {entry.size} bytes, the finished file {file.size}: "
+            "the mount has not uploaded it (yet)",
+            transient=True,
+        )
+    if references.md5_matches(str(entry.digest), file.md5_b64) is False:
+        raise PublishError(
+            f"{file.name}: {ref} has ETag {entry.digest}, which is not the md5 of the finished "
+            "file: the mount has not uploaded it (yet), or the object was replaced",
+            transient=True,
+        )
