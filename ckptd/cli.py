@@ -18,7 +18,13 @@ from pathlib import Path
 from types import FrameType
 
 from ckptd import __version__
-from ckptd.config import DEFAULT_CONFIG_PATH, Config, load_config, mask_secrets
+from ckptd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ObjectStoreReference,
+    load_config,
+    mask_secrets,
+)
 from ckptd.errors import CkptdError, ConfigError
 from ckptd.journal import Journal
 
@@ -228,6 +234,10 @@ def _check(config: Config, source: Path) -> int:
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
+        if watch.reference is not None:
+            reference = watch.reference
+            where = reference.uri if isinstance(reference, ObjectStoreReference) else "file://"
+            print(f"    reference: {where} (nothing uploaded; W&B holds references)")
     return EXIT_OK
 
 
@@ -378,10 +388,10 @@ def _reference_allowed(
     for watch in () if config is None else config.watch:
         if watch.artifact != artifact or watch.reference is None:
             continue
-        if watch.reference == "file":
-            roots.append(watch.path)
-        elif not isinstance(watch.reference, str):
+        if isinstance(watch.reference, ObjectStoreReference):
             prefixes.append(watch.reference.uri)
+        else:
+            roots.append(watch.path)
     return roots, prefixes
 
 

@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -304,7 +303,7 @@ def _file_reference(value: str) -> str:
 # `file`, or a mapping; the tag tells pydantic which, so that an error names only the one
 # the user meant (tags hold '[' so that error paths leave them out).
 Reference = Annotated[
-    Annotated[str, AfterValidator(_file_reference), Tag("reference[file]")]
+    Annotated[Literal["file"], BeforeValidator(_file_reference), Tag("reference[file]")]
     | Annotated[ObjectStoreReference, Tag("reference[store]")],
     Discriminator(lambda v: "reference[file]" if isinstance(v, str) else "reference[store]"),
 ]

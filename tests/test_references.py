@@ -8,13 +8,23 @@ import base64
 import hashlib
 import io
 import os
+import re
 import subprocess
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from ckptd import references
+from ckptd.checkpoint import stat_files
+from ckptd.config import ObjectStoreReference, load_config
+from ckptd.errors import ConfigError, PublishError
+from ckptd.restore import RestoreError, refuse_references
+from ckptd.restore import _verify as verify_download
+from ckptd.sinks import SinkFile
+from ckptd.sinks.wandb import _add_reference as add_reference
 from tests.conftest import CKPTD, Daemon
 from tests.support.fake_wandb import FakeWandbServer, VersionInfo
 from tests.support.s3 import LoopbackS3
@@ -207,3 +217,182 @@ def test_file_reference_records_md5_and_uploads_nothing(
     dest = tmp_path / "restored"
     restore(config, online_env, dest)
     assert (dest / "ckpt_5.pt").read_bytes() == data
+
+
+# -- unit: config, mapping, restore's checks, the sink's ETag check --------------------------
+
+
+def problems(tmp_path: Path, watch: str) -> list[str]:
+    """The problems `ckptd check` would print for a config with this one watch entry."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"watch:\n  - {watch}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+def test_reference_config_errors_name_the_key(tmp_path: Path) -> None:
+    """A reference that is neither `file` nor a mapping, an unknown scheme, a missing key, a
+    mount that does not hold the watched path, and local retention over referenced files are
+    each one line naming the key and the value."""
+    mount = tmp_path / "mnt"
+    assert problems(tmp_path, "{path: ck, reference: s3}") == [
+        "watch[0].reference: expected 'file' (a shared filesystem) or {uri: "
+        "s3://bucket/prefix/, local: /mount/of/it} (an object store mount), got 's3'"
+    ]
+    ftp = f"{{path: {mount}, reference: {{uri: 'ftp://b/p', local: {mount}}}}}"
+    assert problems(tmp_path, ftp) == [
+        "watch[0].reference.uri: expected an object store prefix such as s3://bucket/prefix/ "
+        "(s3:// or gs://), got 'ftp://b/p'"
+    ]  # fmt: skip
+    assert problems(tmp_path, "{path: ck, reference: {uri: 's3://b/p'}}") == [
+        "watch[0].reference.local: required key is missing"
+    ]
+    (line,) = problems(tmp_path, f"{{path: ck, reference: {{uri: 's3://b/p', local: {mount}}}}}")
+    assert line == (
+        f"watch[0]: reference.local must be the watched path ({tmp_path / 'ck'}) or contain it "
+        f"(the files must be inside the mount of s3://b/p/), got {mount}"
+    )
+    (line,) = problems(tmp_path, "{path: ck, reference: file, retention: {local: {min_free: 1GB}}}")
+    assert line.startswith("watch[0]: retention.local cannot delete the files that reference")
+    assert line.endswith("got min_free with reference")
+
+
+def test_reference_config_accepted_and_normalised(tmp_path: Path) -> None:
+    """`file` and a mount holding the watched path load; the prefix gains its final '/' and
+    `local` resolves against the config file's directory like every path."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "watch:\n  - {path: mnt/job, reference: {uri: 's3://b/runs', local: mnt}}\n"
+        "  - {path: shared, artifact: other, reference: file}\n"
+    )
+    first, second = load_config(path).watch
+    assert first.reference == ObjectStoreReference(uri="s3://b/runs/", local=tmp_path / "mnt")
+    assert second.reference == "file"
+
+
+def test_missing_store_library_names_the_key_and_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without boto3 (or google-cloud-storage for gs://) the config is refused at the key,
+    saying what to install, rather than failing at the first publish."""
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
+    for uri, extra, library in (("s3://b/p", "s3", "boto3"), ("gs://b/p", "gcs", "google")):
+        (line,) = problems(tmp_path, f"{{path: ck, reference: {{uri: '{uri}', local: ck}}}}")
+        assert line == (
+            f"watch[0].reference.uri: {uri[:2]}:// references need the {library} library, "
+            f"which is not installed: pip install 'ckptd[{extra}]', got '{uri}'"
+        )
+
+
+def test_files_map_to_their_objects_and_file_uris(tmp_path: Path) -> None:
+    """A file under the mount is the object at its relative key; `file` is its own URI; a name
+    that a URI cannot carry, or a file outside the mount, is refused."""
+    mount = ObjectStoreReference(uri="s3://b/runs/", local=tmp_path)
+    assert references.reference_of(mount, tmp_path / "job/checkpoint-5/model.safetensors") == (
+        "s3://b/runs/job/checkpoint-5/model.safetensors"
+    )
+    assert references.reference_of("file", tmp_path / "a b.pt") == (tmp_path / "a b.pt").as_uri()
+    assert references.reference_of(None, tmp_path / "x.pt") is None
+    with pytest.raises(ValueError, match="'\\?' or '#'"):
+        references.reference_of(mount, tmp_path / "what?.pt")
+    with pytest.raises(ValueError):
+        references.reference_of(mount, tmp_path.parent / "x.pt")
+
+
+def test_source_changed_tells_gone_from_replaced(tmp_path: Path) -> None:
+    """A file reference records a path: the file still being the one hashed is None; removed
+    is `gone`; replaced by rename (a new inode) is `changed`."""
+    path = land(tmp_path, "ckpt_1.pt", b"one")
+    files = stat_files(path)
+    assert references.source_changed(tmp_path, files) is None
+    land(tmp_path, "ckpt_1.pt", b"two")
+    assert references.source_changed(tmp_path, files) == (
+        "changed", "ckpt_1.pt was replaced or rewritten before it was referenced"
+    )  # fmt: skip
+    path.unlink()
+    assert references.source_changed(tmp_path, files) == (
+        "gone", "ckpt_1.pt was removed before it could be referenced"
+    )  # fmt: skip
+
+
+class _Entry:
+    def __init__(self, ref: str | None, digest: str, size: int) -> None:
+        self.ref, self.digest, self.size = ref, digest, size
+
+
+def test_restore_follows_object_references_only_under_allowed_prefixes() -> None:
+    """s3:// and gs:// references are followed under an allowed prefix only; a prefix is a
+    directory (s3://b/jobs/ does not allow s3://b/jobs-other/)."""
+    entries = {"a.pt": _Entry("s3://b/jobs/run/a.pt", "x", 1)}
+    refuse_references(entries, "m:v0", (), ("s3://b/jobs/",))
+    with pytest.raises(RestoreError, match=r"outside the prefixes allowed .* \(none\)"):
+        refuse_references(entries, "m:v0", ())
+    other = {"a.pt": _Entry("s3://b/jobs-other/a.pt", "x", 1)}
+    with pytest.raises(RestoreError, match=re.escape("s3://b/jobs-other/a.pt")):
+        refuse_references(other, "m:v0", (), ("s3://b/jobs/",))
+    with pytest.raises(RestoreError, match="only http"):
+        refuse_references({"a": _Entry("ftp://h/a", "x", 1)}, "m:v0", (), ("s3://b/jobs/",))
+
+
+def test_restore_checks_md5_shaped_reference_digests(tmp_path: Path) -> None:
+    """A downloaded reference is checked against a digest that is an md5 (a single-part ETag
+    in hex, file:// and GCS in base64); a multipart ETag leaves the size check alone."""
+    path = tmp_path / "a.pt"
+    path.write_bytes(b"bytes")
+    md5 = hashlib.md5(b"bytes")
+    for digest in (md5.hexdigest(), base64.b64encode(md5.digest()).decode(), "0123abcd-2"):
+        verify_download(path, _Entry("s3://b/a.pt", digest, 5), "m:v0: a.pt")
+    with pytest.raises(RestoreError, match="md5 does not match the digest"):
+        verify_download(path, _Entry("s3://b/a.pt", hashlib.md5(b"other").hexdigest(), 5), "a")
+    with pytest.raises(RestoreError, match="the manifest says 6"):
+        verify_download(path, _Entry("s3://b/a.pt", "0123abcd-2", 6), "a")
+
+
+def test_sink_refuses_an_object_that_is_not_the_finished_file(
+    tmp_path: Path, s3: LoopbackS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the SDK's own add_reference against loopback S3: an object with other bytes
+    (its ETag is another md5), another size, or none at all is a transient PublishError (the
+    mount has not uploaded it yet); the object holding the file's bytes is recorded with its
+    ETag."""
+    import wandb
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    client = s3.client()
+    client.create_bucket(Bucket="ckptd-sink")
+    data = b"finished checkpoint"
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    file = SinkFile("a.pt", tmp_path / "a.pt", md5, len(data), ref="s3://ckptd-sink/p/a.pt")
+
+    def add() -> object:
+        artifact = wandb.Artifact("m", type="model")
+        add_reference(artifact, file, "s3://ckptd-sink/p/a.pt")
+        return artifact.manifest.entries["a.pt"]
+
+    for body, said in ((None, "not in the object store"), (data + b"!", "holds 20 bytes"),
+                       (data.upper(), "has ETag")):  # fmt: skip
+        if body is not None:
+            client.put_object(Bucket="ckptd-sink", Key="p/a.pt", Body=body)
+        with pytest.raises(PublishError, match=said) as info:
+            add()
+        assert info.value.transient
+    client.put_object(Bucket="ckptd-sink", Key="p/a.pt", Body=data)
+    recorded = add()
+    assert recorded.digest == hashlib.md5(data).hexdigest()  # type: ignore[attr-defined]
+
+
+def test_readme_reference_example_is_a_valid_config(tmp_path: Path) -> None:
+    """The README's reference example loads as a config, as `ckptd check` reads it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Reference artifacts", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(block)
+    first, second = load_config(path).watch
+    assert first.reference == ObjectStoreReference(
+        uri="s3://ckpt-bucket/", local=Path("/mnt/ckpt-bucket")
+    )
+    assert second.reference == "file"

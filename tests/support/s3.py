@@ -44,7 +44,6 @@ class LoopbackS3:
         empty.touch()
         return {
             "AWS_ENDPOINT_URL": self.url,
-            "AWS_S3_ENDPOINT_URL": self.url,  # what the wandb SDK's S3 handler reads
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_SESSION_TOKEN": "testing",
