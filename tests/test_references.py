@@ -28,6 +28,8 @@ from ckptd.sinks.wandb import _add_reference as add_reference
 from tests.conftest import CKPTD, Daemon
 from tests.support.fake_wandb import FakeWandbServer, VersionInfo
 from tests.support.s3 import LoopbackS3
+from tests.support.wandb_offline import _artifact_records as artifact_records
+from tests.support.wandb_offline import find_run_files, read_records
 
 S3_CONFIG = """\
 state_dir: state
@@ -301,6 +303,19 @@ def test_files_map_to_their_objects_and_file_uris(tmp_path: Path) -> None:
         references.reference_of(mount, tmp_path.parent / "x.pt")
 
 
+def test_checkpoint_base_for_files_and_directories(tmp_path: Path) -> None:
+    """File names are relative to a directory checkpoint, or to a single file's parent; a
+    checkpoint that is gone is told apart by its names."""
+    directory = tmp_path / "checkpoint-5"
+    directory.mkdir()
+    single = land(tmp_path, "ckpt_5.pt", b"x")
+    assert references.checkpoint_base(directory, ["model.safetensors"]) == directory
+    assert references.checkpoint_base(single, ["ckpt_5.pt"]) == tmp_path
+    gone = tmp_path / "checkpoint-6"
+    assert references.checkpoint_base(gone, ["a.bin", "b.bin"]) == gone
+    assert references.checkpoint_base(tmp_path / "ckpt_6.pt", ["ckpt_6.pt"]) == tmp_path
+
+
 def test_source_changed_tells_gone_from_replaced(tmp_path: Path) -> None:
     """A file reference records a path: the file still being the one hashed is None; removed
     is `gone`; replaced by rename (a new inode) is `changed`."""
@@ -396,3 +411,33 @@ def test_readme_reference_example_is_a_valid_config(tmp_path: Path) -> None:
         uri="s3://ckpt-bucket/", local=Path("/mnt/ckpt-bucket")
     )
     assert second.reference == "file"
+
+
+def test_offline_run_records_the_reference_and_keeps_no_copy(
+    tmp_path: Path, wandb_env: dict[str, str]
+) -> None:
+    """Offline, the run file that `wandb sync` uploads later holds the file:// reference with
+    ckptd's md5, and no copy of the checkpoint is kept beside the run for that sync."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        FILE_CONFIG.replace("mode: online", "mode: offline").format(url="http://127.0.0.1:9")
+    )
+    data = zip_bytes(os.urandom(20_000))
+    path = land(shared, "ckpt_2.pt", data)
+    result = subprocess.run(
+        [*CKPTD, "--config", str(config), "--once"], env=wandb_env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    recorded = [
+        (e.path, e.ref, e.digest, e.size)
+        for run in find_run_files(tmp_path / "state")
+        for artifact in artifact_records(read_records(run))
+        for e in artifact.manifest.contents
+    ]
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert recorded == [("ckpt_2.pt", path.as_uri(), md5, len(data))]
+    assert not [p for p in (tmp_path / "state").rglob("*") if p.is_file() and p.name == "ckpt_2.pt"]
