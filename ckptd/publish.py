@@ -218,12 +218,20 @@ class Publisher:
         )
 
     def _unreferenceable(self, row: Row, watch: WatchConfig) -> tuple[str, str] | None:
-        """For `reference: file`, ("gone" or "changed", why) where the files at the
-        checkpoint's path are no longer the ones that were hashed (a reference records the
-        path, not the bytes), else None. An object store's ETag says it at publishing."""
-        if watch.reference != "file":
+        """Why `row` cannot be published as references, else None: ("changed", why) where a
+        file at the checkpoint's path is no longer the one hashed (`reference: file` records
+        the path, not the bytes; an object store's ETag is checked at publishing), or
+        ("unreferenceable", why) where it is gone or its name cannot be a reference."""
+        if watch.reference is None:
             return None
         base = references.checkpoint_base(row.source, [f.name for f in row.files])
+        try:
+            for f in row.files:
+                references.reference_of(watch.reference, base / f.name)
+        except ValueError as exc:
+            return "unreferenceable", str(exc)
+        if watch.reference != "file":
+            return None
         return references.source_changed(base, row.files)
 
     def _quarantine(self, row: Row, reason: str, detail: str) -> None:

@@ -47,8 +47,9 @@ def check_store_uri(uri: str) -> str:
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme not in OBJECT_STORE_SCHEMES:
         known = " or ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES)
-        raise ValueError(f"expected an object store prefix such as s3://bucket/prefix/ ({known})"
-                         f", got {uri!r}")  # fmt: skip
+        raise ValueError(
+            f"expected an object store prefix such as s3://bucket/prefix/ ({known}), got {uri!r}"
+        )
     if not parsed.netloc:
         raise ValueError(f"no bucket in {uri!r}")
     if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
@@ -84,14 +85,14 @@ def object_uri(prefix: str, local: Path, path: Path) -> str:
 def source_changed(base: Path, files: tuple[FileState, ...]) -> tuple[str, str] | None:
     """Whether the files of a checkpoint, as they are now under `base`, are still the ones
     ckptd detected and hashed (a reference records the path, not the bytes): None if so,
-    else ("gone", why) or ("changed", why)."""
+    else ("unreferenceable", why) for a file that is gone, or ("changed", why)."""
     for expected in files:
         try:
             now = FileState.of(expected.name, base / expected.name)
         except FileNotFoundError:
-            return "gone", f"{expected.name} was removed before it could be referenced"
+            return "unreferenceable", f"{expected.name} was removed before it was referenced"
         except OSError as exc:
-            return "gone", f"{expected.name} cannot be read: {exc.strerror or exc}"
+            return "unreferenceable", f"{expected.name} cannot be read: {exc.strerror or exc}"
         if (now.size, now.ino, now.mtime_ns) != (expected.size, expected.ino, expected.mtime_ns):
             return "changed", f"{expected.name} was replaced or rewritten before it was referenced"
     return None

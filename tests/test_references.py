@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
 import zipfile
@@ -318,7 +319,7 @@ def test_checkpoint_base_for_files_and_directories(tmp_path: Path) -> None:
 
 def test_source_changed_tells_gone_from_replaced(tmp_path: Path) -> None:
     """A file reference records a path: the file still being the one hashed is None; removed
-    is `gone`; replaced by rename (a new inode) is `changed`."""
+    is `unreferenceable`; replaced by rename (a new inode) is `changed`."""
     path = land(tmp_path, "ckpt_1.pt", b"one")
     files = stat_files(path)
     assert references.source_changed(tmp_path, files) is None
@@ -328,7 +329,7 @@ def test_source_changed_tells_gone_from_replaced(tmp_path: Path) -> None:
     )  # fmt: skip
     path.unlink()
     assert references.source_changed(tmp_path, files) == (
-        "gone", "ckpt_1.pt was removed before it could be referenced"
+        "unreferenceable", "ckpt_1.pt was removed before it was referenced"
     )  # fmt: skip
 
 
@@ -441,3 +442,41 @@ def test_offline_run_records_the_reference_and_keeps_no_copy(
     md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
     assert recorded == [("ckpt_2.pt", path.as_uri(), md5, len(data))]
     assert not [p for p in (tmp_path / "state").rglob("*") if p.is_file() and p.name == "ckpt_2.pt"]
+
+
+def test_file_reference_to_a_removed_or_replaced_checkpoint_is_not_published(
+    tmp_path: Path,
+    wandb_server: FakeWandbServer,
+    online_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A file reference records the path: two checkpoints queued while W&B is unreachable,
+    then one removed and one replaced by new bytes, are not published from what ckptd held.
+    The removed one is dropped as `unreferenceable` (the batch run names it and exits 1), the
+    replaced one is superseded by its new content, which is published with its own md5."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    config = tmp_path / "ckptd.yaml"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = probe.getsockname()[1]
+    config.write_text(FILE_CONFIG.format(url=f"http://127.0.0.1:{nobody}"))
+    land(shared, "ckpt_1.pt", zip_bytes(b"one" * 1000))
+    land(shared, "ckpt_2.pt", zip_bytes(b"two" * 1000))
+    first = start_daemon("--config", str(config), "--once", "--deadline", "2s", env=online_env)
+    assert first.proc.wait(60) == 1, first.log()
+    assert first.log().count("not published: ") == 2, first.log()
+
+    (shared / "ckpt_1.pt").unlink()
+    replaced = zip_bytes(b"new two" * 1000)
+    land(shared, "ckpt_2.pt", replaced)
+    config.write_text(FILE_CONFIG.format(url=wandb_server.url))
+    second = start_daemon("--config", str(config), "--once", env=online_env)
+    assert second.proc.wait(120) == 1, second.log()
+    lines = [x for x in second.log().splitlines() if "not published:" in x]
+    assert lines and all(str(shared / "ckpt_1.pt") in x for x in lines), second.log()
+    assert "ckpt_1.pt (model-checkpoint): dropped, reference: its file was removed" in lines[-1]
+    assert "ckpt_2.pt was replaced or rewritten before it was referenced" in second.log()
+    (version,) = wandb_server.versions("model-checkpoint")
+    md5 = base64.b64encode(hashlib.md5(replaced).digest()).decode()
+    assert entry(version, "ckpt_2.pt")["digest"] == md5
