@@ -15,7 +15,7 @@ records the references.
 from __future__ import annotations
 
 import base64
-import importlib
+import importlib.util
 import os
 import re
 import urllib.parse
@@ -63,8 +63,10 @@ def missing_library(uri: str) -> str | None:
     scheme = urllib.parse.urlsplit(uri).scheme
     module, extra = OBJECT_STORE_SCHEMES[scheme]
     try:
-        importlib.import_module(module)
-    except ImportError:
+        found = importlib.util.find_spec(module) is not None  # found, not imported: cheap
+    except (ImportError, ValueError):  # a parent package is missing, or a broken install
+        found = False
+    if not found:
         return (
             f"{scheme}:// references need the {module.split('.')[0]} library, which is not "
             f"installed: pip install 'ckptd[{extra}]'"
