@@ -28,7 +28,6 @@ __all__ = [
     "OBJECT_STORE_SCHEMES",
     "check_store_uri",
     "checkpoint_base",
-    "is_md5",
     "md5_matches",
     "missing_library",
     "object_uri",
@@ -130,12 +129,6 @@ def checkpoint_base(source: Path, names: list[str]) -> Path:
     if len(names) == 1 and names[0] == source.name:
         return source.parent
     return source
-
-
-def is_md5(digest: str) -> bool:
-    """Whether a store's digest of an object is an md5 of its bytes (hex or base64)."""
-    digest = digest.strip('"')
-    return bool(_HEX_MD5.match(digest) or _B64_MD5.match(digest))
 
 
 def md5_matches(digest: str, md5_b64: str) -> bool | None:
