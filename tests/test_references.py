@@ -26,6 +26,7 @@ from ckptd.errors import ConfigError, PublishError
 from ckptd.restore import RestoreError, refuse_references
 from ckptd.sinks import SinkFile, StoredFile
 from ckptd.sinks.wandb import _add_reference as add_reference
+from ckptd.sinks.wandb import _reference_md5 as reference_md5
 from tests.conftest import CKPTD, Daemon
 from tests.support.fake_wandb import FakeWandbServer, VersionInfo
 from tests.support.s3 import LoopbackS3
@@ -175,7 +176,7 @@ def test_s3_mount_versions_reference_the_objects_and_restore_fetches_them(
             "digest": etag,
             "ref": f"s3://{bucket}/{keys[name]}",
             "size": len(payloads[name]),
-            "extra": {"etag": etag},
+            "extra": {"etag": etag, "ckptd_md5": md5_b64(payloads[name])},
         }
         assert version.files == {}  # nothing stored on W&B
     assert "-" in entry(versions[2], "ckpt_3.pt")["digest"]  # type: ignore[operator]
@@ -351,13 +352,30 @@ def test_restore_follows_object_references_only_under_allowed_prefixes() -> None
         refuse_references([StoredFile("a", 1, None, "ftp://h/a")], "m:v0", (), ("s3://b/",))
 
 
+def test_a_reference_is_restored_against_the_md5_ckptd_recorded() -> None:
+    """What restore checks a fetched reference against: the md5 ckptd recorded beside the
+    object's ETag, or a file:// reference's digest (an md5); an ETag alone is not trusted
+    as an md5 (multipart uploads, SSE-KMS), so such a file is checked by size only."""
+    from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
+
+    md5 = base64.b64encode(hashlib.md5(b"x").digest()).decode()
+    etag = hashlib.md5(b"x").hexdigest()
+    recorded = ArtifactManifestEntry(
+        path="a", ref="s3://b/a", digest=etag, size=1, extra={"etag": etag, "ckptd_md5": md5}
+    )
+    foreign = ArtifactManifestEntry(path="a", ref="s3://b/a", digest=etag, size=1)
+    shared = ArtifactManifestEntry(path="a", ref="file:///s/a", digest=md5, size=1)
+    assert [reference_md5(e) for e in (recorded, foreign, shared)] == [md5, None, md5]
+
+
 def test_sink_refuses_an_object_that_is_not_the_finished_file(
     tmp_path: Path, s3: LoopbackS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the SDK's own add_reference against loopback S3: an object with other bytes
     (its ETag is another md5), another size, or none at all is a transient PublishError (the
     mount has not uploaded it yet); the object holding the file's bytes is recorded with its
-    ETag."""
+    ETag and ckptd's md5; an SSE-KMS object (whose ETag S3 does not make an md5) passes on
+    its size, with ckptd's md5 recorded for restore."""
     import wandb
 
     for key, value in s3.env().items():
@@ -383,6 +401,14 @@ def test_sink_refuses_an_object_that_is_not_the_finished_file(
     client.put_object(Bucket="ckptd-sink", Key="p/a.pt", Body=data)
     recorded: Any = add()
     assert recorded.digest == hashlib.md5(data).hexdigest()
+    assert recorded.extra == {"etag": recorded.digest, "ckptd_md5": md5}
+    # SSE-KMS: S3's ETag is no md5 of the bytes (moto's still is), so the size must do.
+    client.put_object(
+        Bucket="ckptd-sink", Key="p/a.pt", Body=data.upper(), ServerSideEncryption="aws:kms"
+    )
+    recorded = add()
+    assert recorded.digest == hashlib.md5(data.upper()).hexdigest()
+    assert recorded.extra["ckptd_md5"] == md5  # what restore will check the bytes against
 
 
 def test_readme_reference_example_is_a_valid_config(tmp_path: Path) -> None:
