@@ -27,6 +27,8 @@ class LoopbackS3:
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
+        # Named, so that a module-scoped server is not taken for a thread a test leaked.
+        self._server._thread.name = "loopback-s3"
         host, port = self._server.get_host_and_port()
         self.url = f"http://{host}:{port}"
         return self
