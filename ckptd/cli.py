@@ -258,7 +258,8 @@ def _status(config: Config) -> int:
         print(
             f"{collection}: {len(published) - unconfirmed} published, "
             + (f"{unconfirmed} logged offline but unconfirmed, " if unconfirmed else "")
-            + f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
+            + f"{counts['ready'] + counts['hashed'] + counts['upserted']} pending, "
+            f"{counts['failed']} failed, "
             f"{counts['superseded']} superseded, {sum(d.collection == collection for d in drops)} "
             "dropped" + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
         )
@@ -266,7 +267,7 @@ def _status(config: Config) -> int:
             reason, _ = parked[collection]
             print(f"  PARKED: {reason}")
         for row in mine:
-            if row.state in ("ready", "hashed", "failed") and row.last_error:
+            if row.state in ("ready", "hashed", "upserted", "failed") and row.last_error:
                 print(f"  {row.state} {row.relpath} (step {row.step}): {row.last_error}")
         for drop in (d for d in drops if d.collection == collection):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.at))

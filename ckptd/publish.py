@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd import snapshot
 from ckptd.config import Config, WatchConfig
@@ -28,6 +28,9 @@ from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
 from ckptd.retention_exec import Retention
 from ckptd.retry import RetryPolicy
 from ckptd.sinks import PublishRequest, Sink, SinkFile
+
+if TYPE_CHECKING:
+    from ckptd.multihost import MultiHost
 
 __all__ = ["Publisher", "invalid"]
 
@@ -66,6 +69,7 @@ class Publisher:
         # touches its entry.
         self._remote_highest: dict[str, tuple[int, str]] = {}
         self._learnt: set[str] = set()
+        self.multihost: MultiHost | None = None  # set by the service for `distributed` entries
 
     def watch_of(self, row: Row) -> WatchConfig:
         return self._watches[(row.collection, row.watch_path)]
@@ -77,6 +81,9 @@ class Publisher:
         snap = Path(row.snapshot)
         if (problem := snapshot.verify(snap, row.files)) is not None:
             self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
+            return
+        if watch.distributed is not None and self.multihost is not None:
+            self.multihost.publish(row, watch)  # this host's part of a multi-host version
             return
         twin = self._same_content(row)
         if twin is not None:
@@ -123,7 +130,11 @@ class Publisher:
         remote = self._remote_highest.get(row.collection)
         if remote is not None and remote[0] > step:
             step, version = remote
-        if watch.aliases.latest and version != row.version and step > row.step and self.online:
+        moves_aliases = watch.distributed is None or watch.distributed.is_finisher
+        if (
+            watch.aliases.latest and version != row.version and step > row.step and self.online
+            and moves_aliases
+        ):  # fmt: skip
             self._repoint_latest(row, step, version, watch)
         now = self.clock()
         self.journal.transition(row.id, "aliased", now)

@@ -27,16 +27,18 @@ from ckptd import leftovers, snapshot
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
-from ckptd.errors import JournalError
+from ckptd.errors import CkptdError, JournalError
 from ckptd.hashing import Hasher
 from ckptd.inputs import printable
 from ckptd.journal import Journal, Row
 from ckptd.metrics import HealthServer, Metrics
+from ckptd.multihost import MultiHost
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
+from ckptd.sinks.distributed import parts_of
 from ckptd.staging import Stager, Taken
 from ckptd.watcher import Hint, Watcher, observer_kind
 
@@ -48,6 +50,8 @@ _IDLE_WAKE = 1.0  # seconds: the longest the coordinator sleeps with nothing due
 _LEASE = 6 * 3600.0  # seconds a publish may hold its row; the state_dir lock is the real guard
 _CRASH_RETRY = 60.0  # seconds before retrying a publish that failed in an unexpected way
 _JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
+# Rows still to hash or publish ("upserted": a multi-host part waiting for its commit).
+_QUEUED = ("ready", "hashed", "upserted")
 
 
 class Service:
@@ -116,6 +120,8 @@ class Service:
             self.config, self.journal, self.sink, self.metrics, self.clock, self.retention,
             self.drops,
         )  # fmt: skip
+        if any(watch.distributed is not None for watch in self.config.watch):
+            self.publisher.multihost = _multihost(self.publisher, self.sink)
         workers = self.config.upload.workers
         self._hasher.start()
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
@@ -398,7 +404,7 @@ class Service:
         depth = {watch.artifact: 0 for watch in self.config.watch}
         for row in self.journal.rows(states=("published",)):
             by_collection.setdefault(row.collection, row)  # a crash left it half done: first
-        for row in self.journal.rows(states=("ready", "hashed")):
+        for row in self.journal.rows(states=_QUEUED):
             by_collection.setdefault(row.collection, row)  # rows come lowest step first
             depth[row.collection] = depth.get(row.collection, 0) + 1
         for collection, count in depth.items():
@@ -443,14 +449,14 @@ class Service:
             raise
 
     def _next_retry(self) -> float:
-        pending = self.journal.rows(states=("ready", "hashed"))
+        pending = self.journal.rows(states=_QUEUED)
         return min((r.next_attempt_at for r in pending if r.next_attempt_at > 0), default=math.inf)
 
     def _reclaim_orphan_snapshots(self) -> None:
         """Drop staging directories that no live journal row points at (a crash between
         snapshot and journal insert, or after publishing)."""
         rows = [
-            *self.journal.rows(states=("ready", "hashed", "failed")),
+            *self.journal.rows(states=(*_QUEUED, "failed")),
             *self.journal.unconfirmed(),
         ]
         live = {r.snapshot for r in rows}
@@ -491,7 +497,7 @@ class Service:
     def _queued_rows(self) -> list[Row]:
         """Rows still to hash or publish, in collections that are not parked."""
         parked = self.journal.parked()
-        rows = self.journal.rows(states=("ready", "hashed", "published"))
+        rows = self.journal.rows(states=(*_QUEUED, "published"))
         return [r for r in rows if r.collection not in parked]
 
     def not_ready(self) -> str | None:
@@ -508,7 +514,7 @@ class Service:
     def status_line(self) -> str:
         """One line for `systemctl status`: queue depth and the last version published."""
         try:
-            pending = self.journal.count(("ready", "hashed"))
+            pending = self.journal.count(_QUEUED)
             last = self.journal.last_published()
             parked = self.journal.parked()
         except JournalError as exc:
@@ -522,3 +528,14 @@ class Service:
 
     def _once_patience(self) -> float:
         return max((w.settle + w.sidecar.wait for w in self.config.watch), default=0) + 5.0
+
+
+def _multihost(publisher: Publisher, sink: Sink) -> MultiHost:
+    """The publisher of `distributed` entries, on the sink's distributed side."""
+    parts = parts_of(sink)
+    if parts is None:
+        raise CkptdError(
+            "watch[].distributed: this sink cannot merge parts from several hosts "
+            "(W&B online mode can)"
+        )
+    return MultiHost(publisher, parts)
