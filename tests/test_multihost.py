@@ -125,7 +125,7 @@ def test_three_hosts_commit_one_version_per_step_for_dcp_and_deepspeed(
     steps: exactly five committed versions per layout, each the union of the three hosts'
     files with their md5s, `latest` on step 5, `best` on the first lowest val_loss (given
     by a host that is not the finisher), `step-N` on each."""
-    config = write_config(tmp_path, wandb_server.url, LAYOUTS, timeout="60s")
+    config = write_config(tmp_path, wandb_server.url, LAYOUTS, timeout="20s")
     rng = random.Random(16)
     sources: dict[str, dict[int, list[Path]]] = {layout: {} for layout in LAYOUTS}
     daemons = [
@@ -198,13 +198,14 @@ def test_a_host_that_never_writes_a_step_leaves_it_unpublished_and_later_steps_g
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
         exposition = response.read().decode()
     assert (
-        'ckptd_checkpoints_dropped_total{collection="dcp-model",reason="partial"} 1.0'
-        in exposition
+        'ckptd_checkpoints_dropped_total{collection="dcp-model",reason="partial"} 1.0' in exposition
     )
     # The host that did write step 6 learns it was given up from the finisher's record.
     wait_until(
-        lambda: "step 6: the finisher (rank 0) gave it up: rank 2 of 3 did not arrive"
-        in ckptd_status(config, host_env(online_env, 1)),
+        lambda: (
+            "step 6: the finisher (rank 0) gave it up: rank 2 of 3 did not arrive"
+            in ckptd_status(config, host_env(online_env, 1))
+        ),
         30,
         "host 1 to give step 6 up",
     )
@@ -218,13 +219,13 @@ def test_kill_9_of_one_host_and_server_faults_still_commit_each_step_once(
     online_env: dict[str, str],
     start_daemon: Callable[..., Daemon],
 ) -> None:
-    """One host's daemon (a random rank each time) is killed with SIGKILL at random moments
-    and restarted while the hosts write five steps of both layouts and 10% of the server's
-    requests fail: still exactly five committed versions per layout, each the union of every
-    host's files, nothing committed twice or partially."""
+    """One host's daemon (a random rank each time) is killed with SIGKILL at six random
+    moments and restarted while the hosts write five steps of both layouts and 10% of the
+    server's requests fail: still exactly five committed versions per layout, each the union
+    of every host's files, nothing committed twice or partially."""
     seed = int(os.environ.get("CKPTD_CHAOS_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    config = write_config(tmp_path, wandb_server.url, LAYOUTS, timeout="120s")
+    config = write_config(tmp_path, wandb_server.url, LAYOUTS, timeout="30s")
     sources: dict[str, dict[int, list[Path]]] = {layout: {} for layout in LAYOUTS}
     wandb_server.fail_randomly(0.10, seed)
     daemons = {
@@ -232,14 +233,14 @@ def test_kill_9_of_one_host_and_server_faults_still_commit_each_step_once(
         for host in range(HOSTS)
     }
     kills = 0
-    for step in range(1, 6):
-        write_step(tmp_path, step, LOSSES[step], rng, LAYOUTS, sources)
-        for _ in range(2):
-            time.sleep(rng.uniform(0.2, 2.5))
-            victim = rng.randrange(HOSTS)
-            daemons[victim].kill()
-            kills += 1
-            daemons[victim] = start_daemon("--config", str(config), env=host_env(online_env, victim))
+    for step in range(1, 7):
+        if step <= 5:
+            write_step(tmp_path, step, LOSSES[step], rng, LAYOUTS, sources)
+        time.sleep(rng.uniform(0.3, 3.0))  # upserting, waiting, committing, restarting...
+        victim = rng.randrange(HOSTS)
+        daemons[victim].kill()
+        kills += 1
+        daemons[victim] = start_daemon("--config", str(config), env=host_env(online_env, victim))
 
     def all_in() -> bool:
         return all(len(committed(wandb_server, layout)) >= 5 for layout in LAYOUTS)
@@ -251,6 +252,6 @@ def test_kill_9_of_one_host_and_server_faults_still_commit_each_step_once(
         versions = wandb_server.versions(COLLECTION[layout], PROJECT)
         assert [v.state for v in versions] == ["COMMITTED"] * 5, f"seed {seed}: {versions}"
     assert wandb_server.created_versions == 10, f"seed {seed}"
-    assert kills == 10
+    assert kills == 6
     for daemon in daemons.values():
         daemon.stop()
