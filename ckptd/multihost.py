@@ -13,15 +13,18 @@ this host's *part* of a step and moves `hashed -> upserted -> published -> alias
    and records that, so the others give it up too; the others give up by themselves after
    twice the timeout. Later steps carry on.
 The coordinator calls `publish` again for an `upserted` row each time its `next_attempt_at`
-is due; every step is idempotent, so a host killed anywhere repeats the step it was in.
+is due (and each such call upserts the later steps this host has hashed meanwhile); every
+step is idempotent, so a host killed anywhere repeats the step it was in.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptd import snapshot
 from ckptd.checkpoint import CheckpointInfo
 from ckptd.config import DistributedConfig, WatchConfig
 from ckptd.drops import Drop
@@ -89,11 +92,28 @@ class MultiHost:
             self._as_finisher(row, watch, distributed, place, seen)
         else:
             self._as_contributor(row, distributed, place, seen)
+        if self.journal.get(row.id).state == "upserted":
+            self._upsert_ahead(row, place)
+
+    def _upsert_ahead(self, waiting: Row, place: Place) -> None:
+        """While the lowest step waits for the other hosts, upsert the later steps this
+        host has hashed, in step order: each host's parts land as soon as they can, and
+        the finisher still commits in step order (the coordinator hands it the lowest)."""
+        now = self.clock()
+        for row in self.journal.rows(waiting.collection, ("hashed",)):
+            if row.watch_path != waiting.watch_path or row.id == waiting.id:
+                continue
+            if row.next_attempt_at > now or not self._upsert(row, replace(place, step=row.step)):
+                return  # backing off: it and the steps after it wait for their turn
 
     # -- steps -------------------------------------------------------------------------
 
     def _upsert(self, row: Row, place: Place) -> bool:
         """`hashed -> upserted`; False if the part did not land (retried later)."""
+        assert row.snapshot is not None
+        if (problem := snapshot.verify(Path(row.snapshot), row.files)) is not None:
+            self.publisher._supersede(row, f"{problem}; the new content is a checkpoint of its own")
+            return False
         request = self.publisher._request(row, ())
         from ckptd.publish import invalid
 
