@@ -18,9 +18,16 @@ from pathlib import Path
 from types import FrameType
 
 from ckptd import __version__
-from ckptd.config import DEFAULT_CONFIG_PATH, Config, load_config, mask_secrets
+from ckptd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    DistributedConfig,
+    load_config,
+    mask_secrets,
+)
 from ckptd.errors import CkptdError, ConfigError
 from ckptd.journal import Journal
+from ckptd.topology import detect
 
 __all__ = ["main"]
 
@@ -228,7 +235,21 @@ def _check(config: Config, source: Path) -> int:
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
+        if watch.distributed is not None:
+            print(f"    distributed: {_describe_distributed(watch.distributed)}")
     return EXIT_OK
+
+
+def _describe_distributed(distributed: DistributedConfig) -> str:
+    """One line: this host's place in the job, and what the environment told."""
+    role = "commits each version" if distributed.is_finisher else (
+        f"rank {distributed.finisher} commits each version"
+    )  # fmt: skip
+    return (
+        f"group {distributed.group!r}, rank {distributed.rank} of {distributed.hosts} hosts "
+        f"({role}), timeout {distributed.timeout:g}s; detected in the environment: "
+        f"{detect(os.environ).describe()} (values in the config win)"
+    )
 
 
 def _status(config: Config) -> int:

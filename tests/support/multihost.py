@@ -35,10 +35,10 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _zip(path: Path, payload: bytes) -> None:
+def _zip(path: Path, payload: bytes, **fields: object) -> None:
     """A torch.save-like zip (ckptd checks the end record of `.pt` files)."""
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", pickle.dumps({"payload": len(payload)}))
+        z.writestr("archive/data.pkl", pickle.dumps({"payload": len(payload), **fields}))
         z.writestr("archive/data/0", payload)
 
 
@@ -77,7 +77,9 @@ def write_part(
         _metrics(unit, step, loss)
     if host == 0:
         model = unit / "mp_rank_00_model_states.pt"
-        _zip(model, rng.randbytes(rng.randint(20_000, 40_000)))
+        # ZeRO: the optimizer lives in every rank's shard, across all hosts.
+        payload = rng.randbytes(rng.randint(20_000, 40_000))
+        _zip(model, payload, optimizer=None, dp_world_size=hosts * RANKS_PER_HOST)
         written.append(model)
     for rank in ranks:
         shard = unit / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
