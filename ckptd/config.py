@@ -302,7 +302,8 @@ class DistributedConfig(_Model):
                 filled[fact] = detected
         if missing:
             raise ValueError(
-                f"{' and '.join(missing)} not given and not found in the environment "
+                f"{', '.join(missing[:-1])}{' and ' if len(missing) > 1 else ''}{missing[-1]} "
+                "not given and not found in the environment "
                 "(SLURM, torchrun, PyTorchJob, JobSet or MPI variables); set "
                 + ", ".join(f"{fact}: ${{VAR}}" for fact in missing)
             )

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from ckptd.multihost import merged_info, poll_interval
 from ckptd.rows import SCHEMA_VERSION
 from ckptd.sinks.distributed import Part, Place
 from ckptd.topology import detect
+from tests.conftest import CKPTD
 from tests.support.multihost import write_part
 
 
@@ -216,3 +219,26 @@ def test_journal_schema_3_adds_the_upserted_state_and_part_time(tmp_path: Path) 
         journal.mark_published(first, 4.0, version="v0", aliases=(), best={})
         journal.transition(second, "failed", 5.0, last_error="partial: step 2")
         assert [r.state for r in journal.rows()] == ["published", "failed"]
+
+
+def test_the_readme_multi_node_config_passes_check_on_a_slurm_node(tmp_path: Path) -> None:
+    """The README's multi-node config is accepted by `ckptd check` on a SLURM node, which
+    names the node's place in the job and the variables that told it; without any launcher
+    variable it is a config error naming the keys to set."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [
+        b for b in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "distributed" in b
+    ]
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(block)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "PMI", "OMPI"))}
+    slurm = {**env, "SLURM_JOB_ID": "4242", "SLURM_NODEID": "1", "SLURM_NNODES": "3"}
+    checked = subprocess.run([*CKPTD, "check", "--config", str(config)], env=slurm,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert "group 'slurm-4242', rank 1 of 3 hosts (rank 0 commits each version)" in checked.stdout
+    assert "rank from SLURM_NODEID=1" in checked.stdout
+    bare = subprocess.run([*CKPTD, "check", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bare.returncode == 2
+    assert "watch[0].distributed: group, hosts and rank not given" in bare.stderr
