@@ -70,6 +70,7 @@ class MultiHost:
         self.parts = parts
         self.journal = publisher.journal
         self.clock = publisher.clock
+        self._told_waiting: set[int] = set()  # rows whose wait was logged; publisher threads
 
     def publish(self, row: Row, watch: WatchConfig) -> None:
         """Move `row` (`hashed` or `upserted`) as far as it can go now; never raises
@@ -153,6 +154,12 @@ class MultiHost:
             self._commit(row, watch, place, seen)
             return
         if self._waited(row) < distributed.timeout:
+            if row.id not in self._told_waiting:
+                self._told_waiting.add(row.id)
+                log.info(
+                    "%s: step %d waits for the parts of %s (up to %gs)",
+                    row.source, row.step, _ranks(missing), distributed.timeout,
+                )  # fmt: skip
             self._look_again(row, distributed)
             return
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.checkpoint import CheckpointInfo
+from ckptd.checkpoint import CheckpointInfo, stat_files
 from ckptd.config import WatchConfig, load_config
 from ckptd.errors import ConfigError, JournalError
 from ckptd.formats import format_for
@@ -242,3 +242,50 @@ def test_the_readme_multi_node_config_passes_check_on_a_slurm_node(tmp_path: Pat
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bare.returncode == 2
     assert "watch[0].distributed: group, hosts and rank not given" in bare.stderr
+
+
+def test_only_the_finisher_runs_remote_retention_and_local_files_wait_for_the_commit(
+    tmp_path: Path,
+) -> None:
+    """On a host that is not the finisher, retention never lists or deletes versions (the
+    finisher does), and deletes a step's local files only once its version is committed
+    (`aliased`), never while its part waits in `upserted`."""
+    from ckptd.retention_exec import Retention
+    from ckptd.sinks.wandb import WandbSink
+
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(
+        "state_dir: state\nwandb: {mode: online, base_url: 'http://127.0.0.1:9'}\n"
+        "watch:\n  - path: ck\n    format: torch-dcp\n"
+        "    distributed: {group: g, hosts: 2, rank: 1}\n"
+        "    retention: {remote: {keep_last: 1}, local: {delete_after_upload: true, "
+        "keep_last: 0}}\n"
+    )
+    config = load_config(path, env={})
+    watch = config.watch[0]
+    steps = {}
+    for step in (1, 2, 3):
+        unit = watch.path / f"step_{step}"
+        unit.mkdir(parents=True)
+        (unit / "__1_0.distcp").write_bytes(os.urandom(100))
+        steps[step] = unit
+    with Journal(config.state_dir) as journal:
+        for step, unit in steps.items():
+            files = stat_files(unit)
+            row_id = journal.add(
+                collection=watch.artifact, watch_path=watch.path, relpath=unit.name,
+                fingerprint="f", format="torch-dcp", step=step, files=files,
+                info=CheckpointInfo(step=step), snapshot=None, now=1.0,
+            )  # fmt: skip
+            assert row_id is not None
+            journal.transition(row_id, "hashed", 2.0, md5s={}, digest=f"d{step}")
+            journal.transition(row_id, "upserted", 3.0, part_at=3.0)
+            if step < 3:  # committed by the finisher; step 3 still waits for it
+                journal.mark_published(row_id, 4.0, version=f"v{step}", aliases=(), best={})
+                journal.transition(row_id, "aliased", 5.0)
+        plan = Retention(config, journal, WandbSink(config)).run(watch, 10.0)
+    assert "the finisher (rank 0) runs remote retention" in " ".join(plan.notes)
+    assert [(d.where, d.step) for d in plan.deletions] == [("local", 1)]
+    assert not steps[1].exists() and steps[2].exists() and steps[3].exists()  # 2: latest
+    (waiting,) = [d for d in plan.decisions if d.step == 3]
+    assert waiting.reason == "not published yet (upserted)"
