@@ -24,16 +24,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.checkpoint import CheckpointInfo
 from ckptd.config import DistributedConfig, WatchConfig
 from ckptd.drops import Drop
 from ckptd.errors import PublishError
 from ckptd.journal import Row
 from ckptd.sinks.distributed import Part, PartsSink, Place, Rendezvous
+from ckptd.sinks.metadata import unpublishable
 
 if TYPE_CHECKING:
-    from ckptd.publish import Publisher
+    from ckptd.publish import Outcome, Publisher
 
 __all__ = ["MultiHost", "merged_info", "poll_interval"]
 
@@ -72,29 +73,32 @@ class MultiHost:
         self.clock = publisher.clock
         self._told_waiting: set[int] = set()  # rows whose wait was logged; publisher threads
 
-    def publish(self, row: Row, watch: WatchConfig) -> None:
+    def publish(self, row: Row, watch: WatchConfig) -> Outcome:
         """Move `row` (`hashed` or `upserted`) as far as it can go now; never raises
         PublishError (a failure is retried like any publish)."""
+        from ckptd.publish import Outcome
+
         distributed = watch.distributed
         assert distributed is not None
         place = Place(
             distributed.group, distributed.hosts, distributed.rank, distributed.finisher, row.step
         )
         if row.state == "hashed":
-            if not self._upsert(row, place):
-                return
+            landed = self._upsert(row, place)
+            if landed is not None:
+                return landed
             row = self.journal.get(row.id)
         try:
             seen = self.parts.rendezvous(row.collection, place)
         except PublishError as exc:
-            self.publisher._failed(row, exc)
-            return
+            return self.publisher._failed(row, exc)
         if distributed.is_finisher:
-            self._as_finisher(row, watch, distributed, place, seen)
+            outcome = self._as_finisher(row, watch, distributed, place, seen)
         else:
-            self._as_contributor(row, distributed, place, seen)
+            outcome = self._as_contributor(row, distributed, place, seen)
         if self.journal.get(row.id).state == "upserted":
             self._upsert_ahead(row, place)
+        return outcome or Outcome()
 
     def _upsert_ahead(self, waiting: Row, place: Place) -> None:
         """While the lowest step waits for the other hosts, upsert the later steps this
@@ -104,23 +108,21 @@ class MultiHost:
         for row in self.journal.rows(waiting.collection, ("hashed",)):
             if row.watch_path != waiting.watch_path or row.id == waiting.id:
                 continue
-            if row.next_attempt_at > now or not self._upsert(row, replace(place, step=row.step)):
-                return  # backing off: it and the steps after it wait for their turn
+            if row.next_attempt_at > now or self._upsert(row, replace(place, step=row.step)):
+                return  # backing off or failed: it and the steps after it wait their turn
 
     # -- steps -------------------------------------------------------------------------
 
-    def _upsert(self, row: Row, place: Place) -> bool:
-        """`hashed -> upserted`; False if the part did not land (retried later)."""
+    def _upsert(self, row: Row, place: Place) -> Outcome | None:
+        """`hashed -> upserted`; None if the part landed, else what became of the row (it
+        failed, to be retried, or ended)."""
         assert row.snapshot is not None
-        if (problem := snapshot.verify(Path(row.snapshot), row.files)) is not None:
-            self.publisher._supersede(row, f"{problem}; the new content is a checkpoint of its own")
-            return False
+        if (problem := staging.verify(Path(row.snapshot), row.files)) is not None:
+            why = f"{problem}; the new content is a checkpoint of its own"
+            return self.publisher._supersede(row, why)
         request = self.publisher._request(row, ())
-        from ckptd.publish import invalid
-
-        if (problem := invalid(request)) is not None:
-            self.publisher._quarantine(row, "invalid", problem)
-            return False
+        if (problem := unpublishable(request)) is not None:
+            return self.publisher._quarantine(row, "invalid", problem)
         info = row.info
         part = Part(
             place.rank, {f.name: f.size for f in row.files}, info.metrics, info.epoch, info.aliases
@@ -128,18 +130,13 @@ class MultiHost:
         try:
             self.parts.upsert(request, place, part)
         except PublishError as exc:
-            self.publisher._failed(row, exc)
-            return False
-        now = self.clock()
-        self.journal.transition(
-            row.id, "upserted", now, part_at=now, attempts=0, next_attempt_at=0,
-            first_failure_at=None, last_error=None,
-        )  # fmt: skip
+            return self.publisher._failed(row, exc)
+        self.journal.mark_upserted(row.id, self.clock())
         log.info(
             "%s: this host's part of step %d (rank %d of %d, %d files, %d bytes) is in W&B",
             row.source, row.step, place.rank, place.hosts, len(row.files), row.size,
         )  # fmt: skip
-        return True
+        return None
 
     def _as_finisher(
         self,
@@ -148,11 +145,10 @@ class MultiHost:
         distributed: DistributedConfig,
         place: Place,
         seen: Rendezvous,
-    ) -> None:
+    ) -> Outcome | None:
         missing = _missing(place, seen)
         if not missing:
-            self._commit(row, watch, place, seen)
-            return
+            return self._commit(row, watch, place, seen)
         if self._waited(row) < distributed.timeout:
             if row.id not in self._told_waiting:
                 self._told_waiting.add(row.id)
@@ -160,19 +156,19 @@ class MultiHost:
                     "%s: step %d waits for the parts of %s (up to %gs)",
                     row.source, row.step, _ranks(missing), distributed.timeout,
                 )  # fmt: skip
-            self._look_again(row, distributed)
-            return
+            self._look_again(row, distributed, f"waiting for the parts of {_ranks(missing)}")
+            return None
         try:
             self.parts.abandon(row.collection, place, missing)
         except PublishError as exc:
-            self.publisher._failed(row, exc)
-            return
+            return self.publisher._failed(row, exc)
         self._give_up(row, f"{_ranks(missing)} of {place.hosts} did not arrive within "
                       f"distributed.timeout ({distributed.timeout:g}s)")  # fmt: skip
+        return None
 
     def _as_contributor(
         self, row: Row, distributed: DistributedConfig, place: Place, seen: Rendezvous
-    ) -> None:
+    ) -> Outcome | None:
         if seen.committed is not None:
             now = self.clock()
             row = self.journal.mark_published(row.id, now, version=seen.committed, aliases=(),
@@ -181,8 +177,8 @@ class MultiHost:
                 "%s: step %d is committed as %s:%s by the finisher (rank %d)",
                 row.source, row.step, row.collection, seen.committed, place.finisher,
             )  # fmt: skip
-            self.publisher.finish(row)
-        elif seen.abandoned is not None:
+            return self.publisher.finish(row)
+        if seen.abandoned is not None:
             self._give_up(row, f"the finisher (rank {place.finisher}) gave it up: "
                           f"{_ranks(seen.abandoned)} of {place.hosts} did not arrive")  # fmt: skip
         elif self._waited(row) >= 2 * distributed.timeout:
@@ -192,9 +188,12 @@ class MultiHost:
             self._give_up(row, f"{why} within twice distributed.timeout "
                           f"({2 * distributed.timeout:g}s)")  # fmt: skip
         else:
-            self._look_again(row, distributed)
+            self._look_again(row, distributed, f"waiting for the finisher (rank {place.finisher})")
+        return None
 
-    def _commit(self, row: Row, watch: WatchConfig, place: Place, seen: Rendezvous) -> None:
+    def _commit(
+        self, row: Row, watch: WatchConfig, place: Place, seen: Rendezvous
+    ) -> Outcome | None:
         """Every part is in: commit the version with aliases planned from every host's
         metrics, then alias bookkeeping and retention as for any publish."""
         publisher = self.publisher
@@ -202,26 +201,17 @@ class MultiHost:
         plan = publisher._plan(merged, watch)
         request = publisher._request(merged, plan.aliases)
         files = {name: size for part in seen.parts.values() for name, size in part.files.items()}
-        metadata = dict(request.metadata)
-        metadata.update(files=files, size_bytes=sum(files.values()), hosts=place.hosts)
-        metadata["ckptd"] = {
-            **metadata.get("ckptd", {}),
-            "distributed_id": place.distributed_id(row.collection),
-            "group": place.group,
-        }
-        request = replace(request, files=(), metadata=metadata)
-        from ckptd.publish import invalid
-
-        if (problem := invalid(request)) is not None:
-            publisher._quarantine(row, "invalid", problem)
-            return
+        # The version's files are the parts upserted already: the commit sends none, and its
+        # metadata names every host's files.
+        request = replace(request, files=(), facts=replace(request.facts, files=files))
+        if (problem := unpublishable(request)) is not None:
+            return publisher._quarantine(row, "invalid", problem)
         for note in plan.notes:
             log.warning("%s: %s", row.source, note)
         try:
             result = self.parts.finish(request, place)
         except PublishError as exc:
-            publisher._failed(row, exc)
-            return
+            return publisher._failed(row, exc)
         row = self.journal.mark_published(
             row.id, self.clock(), version=result.version, aliases=plan.aliases, best=plan.best
         )
@@ -230,14 +220,13 @@ class MultiHost:
             row.step, row.collection, place.hosts, row.collection, result.version, len(files),
             sum(files.values()), ", ".join(plan.aliases) or "none",
         )  # fmt: skip
-        publisher.finish(row)
+        return publisher.finish(row)
 
     def _give_up(self, row: Row, why: str) -> None:
         """The step will not be committed: `failed`, with a `partial` drop naming why."""
         now = self.clock()
         detail = f"step {row.step}: {why}; no version was committed"
-        self.journal.transition(row.id, "failed", now, last_error=f"partial: {detail}",
-                                lease_owner=None)  # fmt: skip
+        self.journal.fail(row.id, now, f"partial: {detail}")
         self.publisher.metrics.failed.labels(collection=row.collection).inc()
         drops = self.publisher.drops
         if drops is not None:
@@ -245,11 +234,10 @@ class MultiHost:
         else:
             log.warning("not publishing %s: %s", row.source, detail)
 
-    def _look_again(self, row: Row, distributed: DistributedConfig) -> None:
+    def _look_again(self, row: Row, distributed: DistributedConfig, why: str) -> None:
+        """Read the rendezvous again in a moment; `why` shows in `ckptd status`."""
         now = self.clock()
-        self.journal.update(
-            row.id, now, next_attempt_at=now + poll_interval(distributed), lease_owner=None
-        )
+        self.journal.retry_later(row.id, now, at=now + poll_interval(distributed), error=why)
 
     def _waited(self, row: Row) -> float:
         """Seconds since this host's part landed."""

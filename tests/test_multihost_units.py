@@ -18,9 +18,9 @@ from ckptd.checkpoint import CheckpointInfo, stat_files
 from ckptd.config import WatchConfig, load_config
 from ckptd.errors import ConfigError, JournalError
 from ckptd.formats import format_for
-from ckptd.journal import Journal
+from ckptd.journal import Journal, NewRow
+from ckptd.journal.rows import SCHEMA_VERSION
 from ckptd.multihost import merged_info, poll_interval
-from ckptd.rows import SCHEMA_VERSION
 from ckptd.sinks.distributed import Part, Place
 from ckptd.topology import detect
 from tests.conftest import CKPTD
@@ -203,21 +203,24 @@ def test_journal_schema_3_adds_the_upserted_state_and_part_time(tmp_path: Path) 
     with Journal(state) as journal:
         ids = [
             journal.add(
-                collection="m", watch_path=tmp_path, relpath=f"step_{s}", fingerprint="f",
-                format="torch-dcp", step=s, files=(), info=CheckpointInfo(step=s),
-                snapshot=None, now=1.0,
+                NewRow(
+                    collection="m", watch_path=tmp_path, relpath=f"step_{s}", fingerprint="f",
+                    format="torch-dcp", step=s, files=(), info=CheckpointInfo(step=s),
+                    snapshot=None,
+                ),
+                1.0,
             )
             for s in (1, 2)
         ]  # fmt: skip
         first, second = (i for i in ids if i is not None)
         for row_id in (first, second):
-            journal.transition(row_id, "hashed", 2.0, md5s={}, digest="d")
-            journal.transition(row_id, "upserted", 3.0, part_at=3.0)
+            journal.mark_hashed(row_id, 2.0, md5s={}, digest="d")
+            journal.mark_upserted(row_id, 3.0)
         assert journal.get(first).part_at == 3.0
         with pytest.raises(JournalError, match="cannot go from upserted to hashed"):
-            journal.transition(second, "hashed", 3.5)
+            journal.mark_hashed(second, 3.5, md5s={}, digest="d")
         journal.mark_published(first, 4.0, version="v0", aliases=(), best={})
-        journal.transition(second, "failed", 5.0, last_error="partial: step 2")
+        journal.fail(second, 5.0, "partial: step 2")
         assert [r.state for r in journal.rows()] == ["published", "failed"]
 
 
@@ -250,7 +253,7 @@ def test_only_the_finisher_runs_remote_retention_and_local_files_wait_for_the_co
     """On a host that is not the finisher, retention never lists or deletes versions (the
     finisher does), and deletes a step's local files only once its version is committed
     (`aliased`), never while its part waits in `upserted`."""
-    from ckptd.retention_exec import Retention
+    from ckptd.retention.run import Retention
     from ckptd.sinks.wandb import WandbSink
 
     path = tmp_path / "ckptd.yaml"
@@ -272,17 +275,18 @@ def test_only_the_finisher_runs_remote_retention_and_local_files_wait_for_the_co
     with Journal(config.state_dir) as journal:
         for step, unit in steps.items():
             files = stat_files(unit)
-            row_id = journal.add(
+            new = NewRow(
                 collection=watch.artifact, watch_path=watch.path, relpath=unit.name,
                 fingerprint="f", format="torch-dcp", step=step, files=files,
-                info=CheckpointInfo(step=step), snapshot=None, now=1.0,
+                info=CheckpointInfo(step=step), snapshot=None,
             )  # fmt: skip
+            row_id = journal.add(new, 1.0)
             assert row_id is not None
-            journal.transition(row_id, "hashed", 2.0, md5s={}, digest=f"d{step}")
-            journal.transition(row_id, "upserted", 3.0, part_at=3.0)
+            journal.mark_hashed(row_id, 2.0, md5s={}, digest=f"d{step}")
+            journal.mark_upserted(row_id, 3.0)
             if step < 3:  # committed by the finisher; step 3 still waits for it
                 journal.mark_published(row_id, 4.0, version=f"v{step}", aliases=(), best={})
-                journal.transition(row_id, "aliased", 5.0)
+                journal.mark_aliased(row_id, 5.0)
         plan = Retention(config, journal, WandbSink(config)).run(watch, 10.0)
     assert "the finisher (rank 0) runs remote retention" in " ".join(plan.notes)
     assert [(d.where, d.step) for d in plan.deletions] == [("local", 1)]

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from ckptd.errors import PublishError
 from ckptd.sinks import PublishedVersion, PublishRequest, Sink
+from ckptd.sinks.metadata import encode
 
 __all__ = ["Part", "PartsSink", "Place", "Rendezvous", "WandbParts", "parts_of"]
 
@@ -173,7 +174,7 @@ class WandbParts:
 
             run = self.sink._run(request.collection)
             artifact = wandb.Artifact(
-                request.collection, type=request.type, metadata=request.metadata
+                request.collection, type=request.type, metadata=encode(request)
             )
             for file in request.files:
                 _add_file(artifact, file)
@@ -227,15 +228,20 @@ class WandbParts:
         return self._guard(f"reading the parts of {collection} step {place.step}", read_alone)
 
     def finish(self, request: PublishRequest, place: Place) -> PublishedVersion:
-        def finish() -> tuple[str, str]:
+        def finish() -> str:
             import wandb
 
             run = self.sink._run(request.collection)
+            metadata = encode(request)  # its files are the parts: their sizes, not its own
+            metadata.update(size_bytes=sum(request.facts.files.values()), hosts=place.hosts)
+            metadata["ckptd"].update(
+                distributed_id=place.distributed_id(request.collection), group=place.group
+            )
             artifact = wandb.Artifact(
                 request.collection,
                 type=request.type,
                 description=request.description,
-                metadata=request.metadata,
+                metadata=metadata,
             )
             if request.ttl is not None:
                 artifact.ttl = timedelta(seconds=request.ttl)
@@ -245,16 +251,14 @@ class WandbParts:
                 aliases=list(request.aliases),
             )
             done.wait(timeout=int(_WAIT))
-            return str(done.version), str(done.id)
+            return str(done.version)
 
-        version, artifact_id = self._guard(
-            f"committing {request.collection} step {place.step}", finish
-        )
+        version = self._guard(f"committing {request.collection} step {place.step}", finish)
         self._write(
             request.collection, place,
             lambda rec: rec.steps("committed").update({str(place.step): version}),
         )  # fmt: skip
-        return PublishedVersion(version=version, artifact_id=artifact_id)
+        return PublishedVersion(version=version)
 
     def abandon(self, collection: str, place: Place, missing: tuple[int, ...]) -> None:
         self._write(
