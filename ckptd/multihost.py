@@ -30,11 +30,12 @@ from ckptd.config import DistributedConfig, WatchConfig
 from ckptd.drops import Drop
 from ckptd.errors import PublishError
 from ckptd.journal import Row
+from ckptd.publish import Outcome
 from ckptd.sinks.distributed import Part, PartsSink, Place, Rendezvous
 from ckptd.sinks.metadata import unpublishable
 
 if TYPE_CHECKING:
-    from ckptd.publish import Outcome, Publisher
+    from ckptd.publish import Publisher
 
 __all__ = ["MultiHost", "merged_info", "poll_interval"]
 
@@ -76,8 +77,6 @@ class MultiHost:
     def publish(self, row: Row, watch: WatchConfig) -> Outcome:
         """Move `row` (`hashed` or `upserted`) as far as it can go now; never raises
         PublishError (a failure is retried like any publish)."""
-        from ckptd.publish import Outcome
-
         distributed = watch.distributed
         assert distributed is not None
         place = Place(
