@@ -279,8 +279,13 @@ class DistributedConfig(_Model):
     rank: int = Field(ge=0)
     finisher: int = Field(0, ge=0)  # the rank that commits each version
     timeout: Duration = 1800.0  # how long the finisher waits for every host's part
+    # A directory every host reads and writes (NFS...) for the rendezvous, instead of W&B.
+    rendezvous: Path | None = None
 
     _positive_timeout = field_validator("timeout")(_positive)
+    _resolve = field_validator("rendezvous")(
+        lambda v, info: None if v is None else _resolve_path(v, info)
+    )
 
     @model_validator(mode="before")
     @classmethod

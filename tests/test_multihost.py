@@ -12,6 +12,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Daemon, ckptd_status, wait_until
 from tests.support.fake_wandb import FakeWandbServer, VersionInfo
 from tests.support.multihost import LAYOUTS, md5_hex, write_part
@@ -31,7 +33,7 @@ ENTRY = """\
     artifact: {collection}
     format: {format}
     settle: 500ms
-    distributed: {{rank: "${{HOST_RANK}}", timeout: {timeout}}}
+    distributed: {{rank: "${{HOST_RANK}}", timeout: {timeout}{rendezvous}}}
     aliases:
       templates: ["step-{{step}}"]
       best: [{{metric: val_loss, mode: min, alias: best}}]
@@ -40,13 +42,19 @@ FORMAT = {"dcp": "torch-dcp", "ds": "deepspeed"}
 
 
 def write_config(
-    tmp_path: Path, url: str, layouts: tuple[str, ...], timeout: str, listen: str = "null"
+    tmp_path: Path,
+    url: str,
+    layouts: tuple[str, ...],
+    timeout: str,
+    listen: str = "null",
+    rendezvous: str | None = None,
 ) -> Path:
     text = CONFIG.format(project=PROJECT, url=url, listen=listen)
     for layout in layouts:
         text += ENTRY.format(
-            layout=layout, collection=COLLECTION[layout], format=FORMAT[layout], timeout=timeout
-        )
+            layout=layout, collection=COLLECTION[layout], format=FORMAT[layout], timeout=timeout,
+            rendezvous=f", rendezvous: {rendezvous}" if rendezvous else "",
+        )  # fmt: skip
     config = tmp_path / "ckptd.yaml"
     config.write_text(text.replace("{{", "{").replace("}}", "}"))
     for host in range(HOSTS):
@@ -162,16 +170,22 @@ def test_three_hosts_commit_one_version_per_step_for_dcp_and_deepspeed(
             assert f"{COLLECTION[layout]}: 5 published, 0 pending, 0 failed" in status, status
 
 
+@pytest.mark.parametrize("rendezvous", ["wandb", "directory"])
 def test_a_host_that_never_writes_a_step_leaves_it_unpublished_and_later_steps_go_on(
     tmp_path: Path,
     wandb_server: FakeWandbServer,
     online_env: dict[str, str],
     start_daemon: Callable[..., Daemon],
+    rendezvous: str,
 ) -> None:
     """Host 2 never writes step 6: after `timeout` the finisher commits nothing for step 6,
     logs one WARNING naming rank 2 and the step, `status` and /metrics show it, and step 7
-    is published with `latest`."""
-    config = write_config(tmp_path, wandb_server.url, ("dcp",), timeout="4s", listen="auto")
+    is published with `latest`; with the hosts' records in W&B, or in a directory they all
+    share (`distributed.rendezvous`)."""
+    shared = "shared-rendezvous" if rendezvous == "directory" else None
+    config = write_config(
+        tmp_path, wandb_server.url, ("dcp",), timeout="4s", listen="auto", rendezvous=shared
+    )
     rng = random.Random(6)
     sources: dict[str, dict[int, list[Path]]] = {"dcp": {}}
     daemons = [
@@ -216,6 +230,13 @@ def test_a_host_that_never_writes_a_step_leaves_it_unpublished_and_later_steps_g
         30,
         "host 1 to give step 6 up",
     )
+    records = [r for r in wandb_server.runs() if r.job_type == "ckptd-parts"]
+    if shared is not None:
+        assert records == []
+        (group,) = (tmp_path / shared).iterdir()
+        assert sorted(p.name for p in group.iterdir()) == [f"rank-{h}.json" for h in range(3)]
+    else:
+        assert len(records) == HOSTS
     for daemon in daemons:
         assert daemon.stop() == 0, daemon.log()
 

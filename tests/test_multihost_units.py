@@ -293,3 +293,35 @@ def test_only_the_finisher_runs_remote_retention_and_local_files_wait_for_the_co
     assert not steps[1].exists() and steps[2].exists() and steps[3].exists()  # 2: latest
     (waiting,) = [d for d in plan.decisions if d.step == 3]
     assert waiting.reason == "not published yet (upserted)"
+
+
+def test_directory_records_are_each_hosts_file_and_read_as_one_rendezvous(
+    tmp_path: Path,
+) -> None:
+    """With `distributed.rendezvous`, each host replaces its own JSON file atomically; the
+    rendezvous of a step reads every host's part, and the finisher's commit or give-up only
+    from the finisher's file; another collection's or group's records are not mixed in."""
+    from ckptd.sinks.distributed import DirectoryRecords, read_rendezvous
+
+    records = DirectoryRecords(tmp_path / "shared")
+    place = {rank: Place("job", 3, rank, 0, 5) for rank in range(3)}
+    for rank in (0, 1):
+        data = records.load("model", place[rank])
+        assert data == {}
+        data.update(
+            collection="model", rank=rank, parts={"5": Part(rank, {f"f{rank}": 1}).to_json()}
+        )
+        records.store("model", place[rank], data)
+    seen = read_rendezvous(records.all("model", place[0]), "model", place[0])
+    assert sorted(seen.parts) == [0, 1] and seen.committed is None and seen.abandoned is None
+    late = records.load("model", place[1])
+    late.update(committed={"5": "v9"})  # not the finisher: ignored
+    records.store("model", place[1], late)
+    first = records.load("model", place[0])
+    first.update(abandoned={"5": [2]})
+    records.store("model", place[0], first)
+    seen = read_rendezvous(records.all("model", place[1]), "model", place[1])
+    assert seen.committed is None and seen.abandoned == (2,)
+    assert records.all("other", place[0]) == []
+    assert records.all("model", Place("job-2", 3, 0, 0, 5)) == []
+    assert not list((tmp_path / "shared").rglob("*.tmp"))
