@@ -325,3 +325,36 @@ def test_directory_records_are_each_hosts_file_and_read_as_one_rendezvous(
     assert records.all("other", place[0]) == []
     assert records.all("model", Place("job-2", 3, 0, 0, 5)) == []
     assert not list((tmp_path / "shared").rglob("*.tmp"))
+
+
+def test_a_part_with_a_file_still_open_for_writing_waits_past_the_settle_window(
+    tmp_path: Path,
+) -> None:
+    """A host's DCP part without `.metadata` is whole by the settle window and, where
+    inotify and the kernel can tell, only once no rank still holds one of its files open
+    for writing (a rank pausing mid-save longer than `settle`)."""
+    from ckptd.detect import Detector
+
+    root = tmp_path / "ck"
+    unit = root / "step_4"
+    unit.mkdir(parents=True)
+    watch = WatchConfig.model_validate(
+        {"path": root, "format": "torch-dcp", "settle": 2, "sidecar": {"wait": 0},
+         "distributed": {"group": "g", "hosts": 2, "rank": 1}},
+    )  # fmt: skip
+    detector = Detector(watch, tmp_path / "staging", close_evidence=True)
+    (tmp_path / "staging").mkdir()
+    (unit / "__2_0.distcp").write_bytes(os.urandom(1000))
+    slow = (unit / "__3_0.distcp").open("wb")  # rank 3 has written some and paused
+    slow.write(os.urandom(1000))
+    slow.flush()
+    t0 = os.stat(unit / "__3_0.distcp").st_mtime + 1000
+    try:
+        detector.scan(t0)
+        assert detector.poll(t0) == []
+        assert detector.poll(t0 + 10) == []  # settled, but still open for writing
+        assert detector.pending()[unit] == "one of this host's files is still open for writing"
+    finally:
+        slow.close()
+    (ready,) = detector.poll(t0 + 11)
+    assert {f.name for f in ready.files} == {"__2_0.distcp", "__3_0.distcp"}

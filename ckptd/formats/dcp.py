@@ -79,7 +79,7 @@ def dcp_part_problem(
     whose rename (after every rank's shards, on every host, were written) commits the save:
     there the usual marker rules apply, except that the shards it names live on other hosts.
     Elsewhere nothing marks the end, so shards present and none in flight is a candidate for
-    the settle window alone.
+    the settle window (and the detector's check that no file is still open for writing).
     """
     if ".metadata.tmp" in files:
         return ".metadata.tmp present: the save is being committed", False

@@ -74,7 +74,7 @@ def deepspeed_part_problem(tag_dir: Path, files: Mapping[str, FileState]) -> str
     A host holds the files of its own ranks (ZeRO optimizer shards, per-rank model states),
     and only rank 0's host the model states and `latest`: the count and gap rules of a whole
     save span hosts and cannot be checked here, so any rank file is a candidate for the
-    settle window.
+    settle window (and the detector's check that no file is still open for writing).
     """
     if not any(_MODEL.fullmatch(name) or _OPTIM.fullmatch(name) for name in files):
         return f"no model or optimizer states of this host's ranks in {tag_dir.name}/ yet"
