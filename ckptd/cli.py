@@ -21,12 +21,14 @@ from ckptd import __version__
 from ckptd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
+    DistributedConfig,
     ObjectStoreReference,
     load_config,
     mask_secrets,
 )
 from ckptd.errors import CkptdError, ConfigError
 from ckptd.journal import Journal
+from ckptd.topology import detect
 
 __all__ = ["main"]
 
@@ -231,7 +233,21 @@ def _check(config: Config, source: Path) -> int:
             reference = watch.reference
             where = reference.uri if isinstance(reference, ObjectStoreReference) else "file://"
             print(f"    reference: {where} (nothing uploaded; W&B holds references)")
+        if watch.distributed is not None:
+            print(f"    distributed: {_describe_distributed(watch.distributed)}")
     return EXIT_OK
+
+
+def _describe_distributed(distributed: DistributedConfig) -> str:
+    """One line: this host's place in the job, and what the environment told."""
+    role = "commits each version" if distributed.is_finisher else (
+        f"rank {distributed.finisher} commits each version"
+    )  # fmt: skip
+    return (
+        f"group {distributed.group!r}, rank {distributed.rank} of {distributed.hosts} hosts "
+        f"({role}), timeout {distributed.timeout:g}s; detected in the environment: "
+        f"{detect(os.environ).describe()} (values in the config win)"
+    )
 
 
 def _status(config: Config) -> int:
@@ -261,7 +277,8 @@ def _status(config: Config) -> int:
         print(
             f"{collection}: {len(published) - unconfirmed} published, "
             + (f"{unconfirmed} logged offline but unconfirmed, " if unconfirmed else "")
-            + f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
+            + f"{counts['ready'] + counts['hashed'] + counts['upserted']} pending, "
+            f"{counts['failed']} failed, "
             f"{counts['superseded']} superseded, {sum(d.collection == collection for d in drops)} "
             "dropped" + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
         )
@@ -269,7 +286,7 @@ def _status(config: Config) -> int:
             reason, _ = parked[collection]
             print(f"  PARKED: {reason}")
         for row in mine:
-            if row.state in ("ready", "hashed", "failed") and row.last_error:
+            if row.state in ("ready", "hashed", "upserted", "failed") and row.last_error:
                 print(f"  {row.state} {row.relpath} (step {row.step}): {row.last_error}")
         for drop in (d for d in drops if d.collection == collection):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.at))

@@ -37,6 +37,7 @@ __all__ = [
     "AliasConfig",
     "BestRule",
     "Config",
+    "DistributedConfig",
     "LocalRetention",
     "ObjectStoreReference",
     "RemoteRetention",
@@ -310,6 +311,63 @@ Reference = Annotated[
 ]
 
 
+class DistributedConfig(_Model):
+    """One checkpoint written by several hosts, published as one version (see topology)."""
+
+    group: str = Field(min_length=1)  # the same on every host of a job, new for each job
+    hosts: int = Field(ge=1)
+    rank: int = Field(ge=0)
+    finisher: int = Field(0, ge=0)  # the rank that commits each version
+    timeout: Duration = 1800.0  # how long the finisher waits for every host's part
+    # A directory every host reads and writes (NFS...) for the rendezvous, instead of W&B.
+    rendezvous: Path | None = None
+
+    _positive_timeout = field_validator("timeout")(_positive)
+    _resolve = field_validator("rendezvous")(
+        lambda v, info: None if v is None else _resolve_path(v, info)
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, value: object, info: ValidationInfo) -> object:
+        """Fill group, hosts and rank that the config leaves out from the launcher's
+        environment (ckptd.topology); what neither gives is an error naming both."""
+        from ckptd.topology import detect
+
+        if not isinstance(value, dict):
+            return value
+        env = (info.context or {}).get("env", os.environ)
+        found = detect(env)
+        filled = dict(value)
+        missing = []
+        for fact in ("group", "hosts", "rank"):
+            if filled.get(fact) is None:
+                detected = getattr(found, fact)
+                if detected is None:
+                    missing.append(fact)
+                filled[fact] = detected
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing[:-1])}{' and ' if len(missing) > 1 else ''}{missing[-1]} "
+                "not given and not found in the environment "
+                "(SLURM, torchrun, PyTorchJob, JobSet or MPI variables); set "
+                + ", ".join(f"{fact}: ${{VAR}}" for fact in missing)
+            )
+        return filled
+
+    @model_validator(mode="after")
+    def _ranks_in_range(self) -> DistributedConfig:
+        for name, rank in (("rank", self.rank), ("finisher", self.finisher)):
+            if rank >= self.hosts:
+                raise ValueError(f"{name} {rank} is not below hosts ({self.hosts})")
+        return self
+
+    @property
+    def is_finisher(self) -> bool:
+        """Does this host commit the versions?"""
+        return self.rank == self.finisher
+
+
 DEFAULT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin", "*.keras", "*.h5")
 
 
@@ -333,6 +391,7 @@ class WatchConfig(_Model):
     shared: bool = False  # this entry shares its collection with another on purpose
     # Record where the files already are instead of uploading them (see ckptd.references).
     reference: Reference | None = None
+    distributed: DistributedConfig | None = None  # a multi-node job: one version, many hosts
 
     _resolve = field_validator("path")(_resolve_path)
 
@@ -470,6 +529,12 @@ class Config(_Model):
                         f"{watch.artifact!r}: `latest` would jump between their steps; give "
                         "each its own `artifact:`, or set `shared: true` on both"
                     )
+        for index, watch in enumerate(self.watch):
+            if watch.distributed is not None and self.wandb.mode != "online":
+                problems.append(
+                    f"watch[{index}].distributed: needs wandb.mode: online (W&B merges the "
+                    "hosts' parts into one version on its server; offline mode cannot)"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -507,7 +572,7 @@ def load_config(path: Path | str | None, env: dict[str, str] | None = None) -> C
     if problems:
         raise ConfigError(str(source), mask_secrets(problems, environ))
     try:
-        return Config.model_validate(raw, context={"base_dir": base_dir})
+        return Config.model_validate(raw, context={"base_dir": base_dir, "env": environ})
     except ValidationError as exc:
         raise ConfigError(str(source), mask_secrets(_describe(exc, raw), environ)) from None
 

@@ -313,7 +313,19 @@ class Detector:
                 log.debug("%s is whole; %s (no close evidence)", unit, reason)
             pending.reason = reason
             return None
+        if not verdict.committed and self._part_still_written(pending):
+            pending.reason = "one of this host's files is still open for writing"
+            return None
         return self._finish(unit, pending, verdict.files, now)
+
+    def _part_still_written(self, pending: _Candidate) -> bool:
+        """A host's part of a multi-host save has no commit marker (but on the coordinator's
+        host): besides the settle window, none of its files may be open for writing, where
+        the kernel can tell (ckptd.writers; with inotify only: remote writers are invisible)."""
+        if self.watch.distributed is None or not self.close_evidence:
+            return False
+        assert pending.base is not None
+        return any(open_for_writing(pending.base / f.name) for f in pending.files)
 
     def _observe(self, pending: _Candidate, files: tuple[FileState, ...], now: float) -> bool:
         """Record what a check saw; True if anything changed since the last one."""

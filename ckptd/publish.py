@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptd import references, staging
 from ckptd.config import Config, WatchConfig
@@ -35,6 +36,9 @@ from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
 from ckptd.retry import GiveUp, Park, Retry, RetryPolicy, next_after_failure
 from ckptd.sinks import Pending, PublishRequest, Sink, SinkFile, VersionFacts
 from ckptd.sinks.metadata import unpublishable
+
+if TYPE_CHECKING:
+    from ckptd.multihost import MultiHost
 
 __all__ = ["Outcome", "Publisher", "Submitted"]
 
@@ -91,6 +95,7 @@ class Publisher:
         # Versions begun and not completed, per collection, in the order they were begun.
         self._in_flight: dict[str, list[Submitted]] = {}
         self._lock = threading.Lock()  # guards _in_flight: begin and complete run on workers
+        self.multihost: MultiHost | None = None  # set by the service for `distributed` entries
 
     def watch_of(self, row: Row) -> WatchConfig:
         return self._watches[(row.collection, row.watch_path)]
@@ -112,6 +117,8 @@ class Publisher:
             if kind == "changed":
                 return self._supersede(row, f"{detail}; the new content is a checkpoint of its own")
             return self._quarantine(row, "unreferenceable", detail)
+        if watch.distributed is not None and self.multihost is not None:
+            return self.multihost.publish(row, watch)  # this host's part of a multi-host version
         twin = self._same_content(row)
         if twin is not None:
             return self._supersede(row, f"same content as {twin}")
@@ -171,7 +178,10 @@ class Publisher:
         remote = self._remote_highest.get(row.collection)
         if remote is not None and remote[0] > step:
             step, version = remote
-        moves = self.sink.capabilities.moves_aliases
+        # Of a multi-host entry's hosts, only the finisher moves aliases.
+        moves = self.sink.capabilities.moves_aliases and (
+            watch.distributed is None or watch.distributed.is_finisher
+        )
         if watch.aliases.latest and version != row.version and step > row.step and moves:
             self._repoint_latest(row, step, version, watch)
         now = self.clock()

@@ -146,6 +146,11 @@ class Retention:
                     "allow_offline: true", self.sink.capabilities.limits,
                 )  # fmt: skip
             return None, f"{self.sink.capabilities.limits}; remote retention skipped"
+        if watch.distributed is not None and not watch.distributed.is_finisher:
+            return None, (
+                f"a multi-host entry: the finisher (rank {watch.distributed.finisher}) runs "
+                "remote retention"
+            )
         owner = next(w for w in self.config.watch if w.artifact == collection)
         if owner is not watch:
             return None, f"the versions of {collection} follow the retention of {owner.path}"

@@ -506,6 +506,7 @@ class WandbSink:
                 entity=self.config.wandb.entity,
                 job_type="checkpoint-upload",
                 name=f"ckptd-{collection}",
+                group=self._group(collection),
                 dir=str(state_dir),
                 reinit="create_new",
                 settings=settings,
@@ -517,6 +518,11 @@ class WandbSink:
         with self._lock:
             self._runs[collection] = run
         return run
+
+    def _group(self, collection: str) -> str | None:
+        """A multi-node job's run group, where the upload runs of its hosts sit together."""
+        groups = (w.distributed for w in self.config.watch if w.artifact == collection)
+        return next((d.group for d in groups if d is not None), None)
 
     def _public_api(self) -> Any:
         if self._api is None:
