@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,15 @@ class FileState:
         )
 
 
-def base_of(unit: Path) -> Path:
+def base_of(unit: Path, names: Sequence[str] | None = None) -> Path:
     """The directory a checkpoint unit's file names are relative to: the unit itself for a
-    directory, its parent for a single file (see `stat_files`)."""
-    return unit if unit.is_dir() else unit.parent
+    directory, its parent for a single file (see `stat_files`). With the unit's file `names`
+    the answer holds once the unit is gone too: a single file is named by its basename."""
+    if unit.is_dir():
+        return unit
+    if names is None or (len(names) == 1 and names[0] == unit.name):
+        return unit.parent
+    return unit
 
 
 def fingerprint(files: tuple[FileState, ...]) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd import references, staging
+from ckptd.checkpoint import base_of
 from ckptd.config import Config, WatchConfig
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import PublishError
@@ -246,7 +247,7 @@ class Publisher:
         watch = self.watch_of(row)
         assert row.snapshot is not None
         snap = Path(row.snapshot)
-        base = references.checkpoint_base(row.source, [f.name for f in row.files])
+        base = base_of(row.source, [f.name for f in row.files])
         info = row.info
         return PublishRequest(
             collection=row.collection,
@@ -287,7 +288,7 @@ class Publisher:
         ("unreferenceable", why) where it is gone or its name cannot be a reference."""
         if watch.reference is None:
             return None
-        base = references.checkpoint_base(row.source, [f.name for f in row.files])
+        base = base_of(row.source, [f.name for f in row.files])
         try:
             for f in row.files:
                 references.reference_of(watch.reference, base / f.name)

@@ -27,7 +27,6 @@ from ckptd.checkpoint import FileState
 __all__ = [
     "OBJECT_STORE_SCHEMES",
     "check_store_uri",
-    "checkpoint_base",
     "md5_matches",
     "missing_library",
     "object_uri",
@@ -119,16 +118,6 @@ def reference_of(reference: str | _Mount | None, path: Path) -> str | None:
         return Path(os.path.abspath(path)).as_uri()  # noqa: PTH100 - not resolve(): the path readers see
     assert not isinstance(reference, str)
     return object_uri(reference.uri, reference.local, path)
-
-
-def checkpoint_base(source: Path, names: list[str]) -> Path:
-    """The directory a checkpoint's file names are relative to: the checkpoint itself for a
-    directory, its parent for a single file (also once the checkpoint is gone)."""
-    if source.is_dir():
-        return source
-    if len(names) == 1 and names[0] == source.name:
-        return source.parent
-    return source
 
 
 def md5_matches(digest: str, md5_b64: str) -> bool | None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ckptd import references
-from ckptd.checkpoint import stat_files
+from ckptd.checkpoint import base_of, stat_files
 from ckptd.config import ObjectStoreReference, load_config
 from ckptd.errors import ConfigError, PublishError
 from ckptd.restore import RestoreError, refuse_references
@@ -315,11 +315,11 @@ def test_checkpoint_base_for_files_and_directories(tmp_path: Path) -> None:
     directory = tmp_path / "checkpoint-5"
     directory.mkdir()
     single = land(tmp_path, "ckpt_5.pt", b"x")
-    assert references.checkpoint_base(directory, ["model.safetensors"]) == directory
-    assert references.checkpoint_base(single, ["ckpt_5.pt"]) == tmp_path
+    assert base_of(directory, ["model.safetensors"]) == directory
+    assert base_of(single, ["ckpt_5.pt"]) == tmp_path
     gone = tmp_path / "checkpoint-6"
-    assert references.checkpoint_base(gone, ["a.bin", "b.bin"]) == gone
-    assert references.checkpoint_base(tmp_path / "ckpt_6.pt", ["ckpt_6.pt"]) == tmp_path
+    assert base_of(gone, ["a.bin", "b.bin"]) == gone
+    assert base_of(tmp_path / "ckpt_6.pt", ["ckpt_6.pt"]) == tmp_path
 
 
 def test_source_changed_tells_gone_from_replaced(tmp_path: Path) -> None:

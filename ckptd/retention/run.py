@@ -263,7 +263,7 @@ class Retention:
         if problem is not None or row.state != "aliased":
             log.info("retention leaves %s alone: %s", row.source, problem or row.state)
             return False
-        base = base_of(row.source)
+        base = base_of(row.source, [f.name for f in row.files])
         for f in row.files:
             (base / f.name).unlink(missing_ok=True)
         if base == row.source:  # a directory checkpoint: drop the directories it emptied
@@ -307,7 +307,7 @@ def _inspect(watch: WatchConfig, row: Row) -> tuple[bool, str | None]:
     root with the size and mtime it was published with (a rewrite changes the mtime).
     """
     root = os.path.realpath(watch.path)
-    base = base_of(row.source)
+    base = base_of(row.source, [f.name for f in row.files])
     present = False
     for f in row.files:
         path = base / f.name
