@@ -22,6 +22,7 @@ from ckptd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     DistributedConfig,
+    ObjectStoreReference,
     load_config,
     mask_secrets,
 )
@@ -230,6 +231,10 @@ def _check(config: Config, source: Path) -> int:
         print(f"    retention: {describe(watch.retention)}")
         if watch.distributed is not None:
             print(f"    distributed: {_describe_distributed(watch.distributed)}")
+        if watch.reference is not None:
+            reference = watch.reference
+            where = reference.uri if isinstance(reference, ObjectStoreReference) else "file://"
+            print(f"    reference: {where} (nothing uploaded; W&B holds references)")
     return EXIT_OK
 
 
@@ -358,14 +363,46 @@ def _restore_parser(p: argparse.ArgumentParser) -> None:
         "--if-missing", action="store_true", help="do nothing when DIR already has a checkpoint"
     )
     p.add_argument(
-        "--allow-reference-root", action="append", default=[], type=Path, metavar="DIR",
-        help="follow file:// references under DIR (repeatable); by default a version that "
-        "references files instead of holding them is refused",
+        "--allow-reference-root", action="append", default=[], type=_reference_root,
+        metavar="DIR|URI",
+        help="follow file:// references under DIR, or s3:// and gs:// references under URI "
+        "(s3://bucket/prefix/) (repeatable); the reference of each watch entry in --config "
+        "that publishes ARTIFACT is allowed too; any other reference is refused",
     )  # fmt: skip
     p.add_argument(
         "--config", "-c", type=Path, default=None,
         help="config file for project, entity, base_url and api_key_file",
     )  # fmt: skip
+
+
+def _reference_root(text: str) -> Path | str:
+    """A directory, or an object store prefix (as given, with a trailing '/')."""
+    from ckptd import references
+
+    if "://" not in text:
+        return Path(text)
+    try:
+        return references.check_store_uri(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _reference_allowed(
+    config: Config | None, artifact: str, given: list[Path | str]
+) -> tuple[list[Path], list[str]]:
+    """(directories, object store prefixes) whose references restore may follow: those given
+    by --allow-reference-root, and the reference of each watch entry publishing `artifact`
+    (its versions reference exactly there)."""
+    roots = [root for root in given if isinstance(root, Path)]
+    prefixes = [root for root in given if isinstance(root, str)]
+    for watch in () if config is None else config.watch:
+        if watch.artifact != artifact or watch.reference is None:
+            continue
+        if isinstance(watch.reference, ObjectStoreReference):
+            prefixes.append(watch.reference.uri)
+        else:
+            roots.append(watch.path)
+    return roots, prefixes
 
 
 def _alias_arg(text: str) -> str:
@@ -407,10 +444,12 @@ def _restore(config: Config, args: argparse.Namespace) -> int:
         project=args.project, entity=args.entity,
     )  # fmt: skip
     refs = [args.version] if args.version else args.alias or ["latest"]
+    watched = config if args.config is not None else None
+    roots, prefixes = _reference_allowed(watched, args.artifact, args.allow_reference_root)
     try:
         result = restore(
             args.artifact, args.to, sink, refs=refs, if_missing=args.if_missing,
-            reference_roots=args.allow_reference_root,
+            reference_roots=roots, reference_prefixes=prefixes,
         )  # fmt: skip
     finally:
         sink.close()

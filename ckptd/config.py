@@ -19,13 +19,16 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from ckptd import references
 from ckptd.errors import ConfigError
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
 
@@ -36,6 +39,7 @@ __all__ = [
     "Config",
     "DistributedConfig",
     "LocalRetention",
+    "ObjectStoreReference",
     "RemoteRetention",
     "Size",
     "WatchConfig",
@@ -328,6 +332,42 @@ class DistributedConfig(_Model):
         return self.rank == self.finisher
 
 
+class ObjectStoreReference(_Model):
+    """The watched path is `local`, or under it, and `local` is a mount of the object store
+    prefix `uri` (Mountpoint for S3, s3fs, gcsfuse)."""
+
+    uri: str
+    local: Path
+
+    _resolve = field_validator("local")(_resolve_path)
+
+    @field_validator("uri")
+    @classmethod
+    def _store_prefix(cls, uri: str) -> str:
+        prefix = references.check_store_uri(uri)
+        if (missing := references.missing_library(prefix)) is not None:
+            raise ValueError(missing)
+        return prefix
+
+
+def _file_reference(value: str) -> str:
+    if value != "file":
+        raise ValueError(
+            "expected 'file' (a shared filesystem) or {uri: s3://bucket/prefix/, local: "
+            f"/mount/of/it}} (an object store mount), got {value!r}"
+        )
+    return value
+
+
+# `file`, or a mapping; the tag tells pydantic which, so that an error names only the one
+# the user meant (tags hold '[' so that error paths leave them out).
+Reference = Annotated[
+    Annotated[Literal["file"], BeforeValidator(_file_reference), Tag("reference[file]")]
+    | Annotated[ObjectStoreReference, Tag("reference[store]")],
+    Discriminator(lambda v: "reference[file]" if isinstance(v, str) else "reference[store]"),
+]
+
+
 DEFAULT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin", "*.keras", "*.h5")
 
 
@@ -350,6 +390,8 @@ class WatchConfig(_Model):
     run_path: str | None = None
     shared: bool = False  # this entry shares its collection with another on purpose
     distributed: DistributedConfig | None = None  # a multi-node job: one version, many hosts
+    # Record where the files already are instead of uploading them (see ckptd.references).
+    reference: Reference | None = None
 
     _resolve = field_validator("path")(_resolve_path)
 
@@ -377,6 +419,27 @@ class WatchConfig(_Model):
         return patterns
 
     _positive_poll = field_validator("poll_interval")(_positive)
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> WatchConfig:
+        """A mount must hold the watched path, and the referenced files are the only copy:
+        local retention deleting them would delete the version's contents."""
+        reference = self.reference
+        if isinstance(reference, ObjectStoreReference) and not self.path.is_relative_to(
+            reference.local
+        ):
+            raise ValueError(
+                f"reference.local must be the watched path ({self.path}) or contain it (the "
+                f"files must be inside the mount of {reference.uri}), got {reference.local}"
+            )
+        local = self.retention.local
+        if reference is not None and (local.delete_after_upload or local.min_free is not None):
+            deleting = "delete_after_upload: true" if local.delete_after_upload else "min_free"
+            raise ValueError(
+                "retention.local cannot delete the files that reference versions point at "
+                f"(the versions would lose their contents), got {deleting} with reference"
+            )
+        return self
 
 
 AUTO_LISTEN = ("127.0.0.1", tuple(range(9480, 9500)))
@@ -471,6 +534,11 @@ class Config(_Model):
                 problems.append(
                     f"watch[{index}].distributed: needs wandb.mode: online (W&B merges the "
                     "hosts' parts into one version on its server; offline mode cannot)"
+                )
+            if watch.distributed is not None and watch.reference is not None:
+                problems.append(
+                    f"watch[{index}].distributed: cannot be combined with reference (each "
+                    "host uploads its part; references of several hosts are not merged)"
                 )
         if problems:
             raise ValueError("\n".join(problems))

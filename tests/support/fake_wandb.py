@@ -1842,6 +1842,11 @@ class FakeWandbServer:
         for index, (name, entry) in enumerate(sorted(version.manifest_entries().items())):
             obj = version.files.get(name)
             url = self._storage_url(obj) if obj else None
+            if entry.get("ref"):
+                # W&B lists a reference entry as a file too, with a non-null URL into its own
+                # storage that holds no bytes (GET answers 404): the SDK's pydantic parsing
+                # needs the string, and the SDK follows the reference instead.
+                url = f"{self.url}/storage/reference-{version.id}-{index}"
             nodes.append(
                 {
                     "__typename": "File",
