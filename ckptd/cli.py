@@ -229,12 +229,12 @@ def _check(config: Config, source: Path) -> int:
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
-        if watch.distributed is not None:
-            print(f"    distributed: {_describe_distributed(watch.distributed)}")
         if watch.reference is not None:
             reference = watch.reference
             where = reference.uri if isinstance(reference, ObjectStoreReference) else "file://"
             print(f"    reference: {where} (nothing uploaded; W&B holds references)")
+        if watch.distributed is not None:
+            print(f"    distributed: {_describe_distributed(watch.distributed)}")
     return EXIT_OK
 
 

@@ -275,6 +275,42 @@ class RetentionConfig(_Model):
     local: LocalRetention = LocalRetention()
 
 
+class ObjectStoreReference(_Model):
+    """The watched path is `local`, or under it, and `local` is a mount of the object store
+    prefix `uri` (Mountpoint for S3, s3fs, gcsfuse)."""
+
+    uri: str
+    local: Path
+
+    _resolve = field_validator("local")(_resolve_path)
+
+    @field_validator("uri")
+    @classmethod
+    def _store_prefix(cls, uri: str) -> str:
+        prefix = references.check_store_uri(uri)
+        if (missing := references.missing_library(prefix)) is not None:
+            raise ValueError(missing)
+        return prefix
+
+
+def _file_reference(value: str) -> str:
+    if value != "file":
+        raise ValueError(
+            "expected 'file' (a shared filesystem) or {uri: s3://bucket/prefix/, local: "
+            f"/mount/of/it}} (an object store mount), got {value!r}"
+        )
+    return value
+
+
+# `file`, or a mapping; the tag tells pydantic which, so that an error names only the one
+# the user meant (tags hold '[' so that error paths leave them out).
+Reference = Annotated[
+    Annotated[Literal["file"], BeforeValidator(_file_reference), Tag("reference[file]")]
+    | Annotated[ObjectStoreReference, Tag("reference[store]")],
+    Discriminator(lambda v: "reference[file]" if isinstance(v, str) else "reference[store]"),
+]
+
+
 class DistributedConfig(_Model):
     """One checkpoint written by several hosts, published as one version (see topology)."""
 
@@ -332,42 +368,6 @@ class DistributedConfig(_Model):
         return self.rank == self.finisher
 
 
-class ObjectStoreReference(_Model):
-    """The watched path is `local`, or under it, and `local` is a mount of the object store
-    prefix `uri` (Mountpoint for S3, s3fs, gcsfuse)."""
-
-    uri: str
-    local: Path
-
-    _resolve = field_validator("local")(_resolve_path)
-
-    @field_validator("uri")
-    @classmethod
-    def _store_prefix(cls, uri: str) -> str:
-        prefix = references.check_store_uri(uri)
-        if (missing := references.missing_library(prefix)) is not None:
-            raise ValueError(missing)
-        return prefix
-
-
-def _file_reference(value: str) -> str:
-    if value != "file":
-        raise ValueError(
-            "expected 'file' (a shared filesystem) or {uri: s3://bucket/prefix/, local: "
-            f"/mount/of/it}} (an object store mount), got {value!r}"
-        )
-    return value
-
-
-# `file`, or a mapping; the tag tells pydantic which, so that an error names only the one
-# the user meant (tags hold '[' so that error paths leave them out).
-Reference = Annotated[
-    Annotated[Literal["file"], BeforeValidator(_file_reference), Tag("reference[file]")]
-    | Annotated[ObjectStoreReference, Tag("reference[store]")],
-    Discriminator(lambda v: "reference[file]" if isinstance(v, str) else "reference[store]"),
-]
-
-
 DEFAULT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin", "*.keras", "*.h5")
 
 
@@ -389,9 +389,9 @@ class WatchConfig(_Model):
     description: str | None = None
     run_path: str | None = None
     shared: bool = False  # this entry shares its collection with another on purpose
-    distributed: DistributedConfig | None = None  # a multi-node job: one version, many hosts
     # Record where the files already are instead of uploading them (see ckptd.references).
     reference: Reference | None = None
+    distributed: DistributedConfig | None = None  # a multi-node job: one version, many hosts
 
     _resolve = field_validator("path")(_resolve_path)
 
