@@ -535,6 +535,11 @@ class Config(_Model):
                     f"watch[{index}].distributed: needs wandb.mode: online (W&B merges the "
                     "hosts' parts into one version on its server; offline mode cannot)"
                 )
+            if watch.distributed is not None and watch.reference is not None:
+                problems.append(
+                    f"watch[{index}].distributed: cannot be combined with reference (each "
+                    "host uploads its part; references of several hosts are not merged)"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self

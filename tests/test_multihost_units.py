@@ -95,6 +95,8 @@ def test_slurm_is_asked_before_torchrun_and_the_config_wins(tmp_path: Path) -> N
          "watch[0].distributed.timeout: must be more than 0s"),
         ("{hosts: 2, rank: 0, group: g, ranks: 1}", "online",
          "watch[0].distributed.ranks: unknown key (did you mean 'rank'?)"),
+        ("{hosts: 2, rank: 0, group: g}\n    reference: file", "online",
+         "watch[0].distributed: cannot be combined with reference"),
     ],
 )  # fmt: skip
 def test_bad_distributed_config_names_the_key(
