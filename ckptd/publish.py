@@ -25,6 +25,7 @@ from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
 from ckptd.metrics import Metrics
 from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
+from ckptd.promote import fired
 from ckptd.retention_exec import Retention
 from ckptd.retry import RetryPolicy
 from ckptd.sinks import PublishRequest, Sink, SinkFile
@@ -100,7 +101,7 @@ class Publisher:
             return
         row = self.journal.mark_published(
             row.id, self.clock(), version=result.version, aliases=plan.aliases, best=plan.best,
-            durable=result.committed,
+            durable=result.committed, promotions=fired(watch.promote, plan.aliases),
         )  # fmt: skip
         log.info(
             "published %s as %s:%s (step %d, %d files, %d bytes) with aliases %s",

@@ -27,16 +27,18 @@ from ckptd import leftovers, snapshot
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
-from ckptd.errors import JournalError
+from ckptd.errors import JournalError, PublishError
 from ckptd.hashing import Hasher
 from ckptd.inputs import printable
 from ckptd.journal import Journal, Row
 from ckptd.metrics import HealthServer, Metrics
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
+from ckptd.promote import Promoter
 from ckptd.publish import Publisher
 from ckptd.retention_exec import Retention
 from ckptd.sinks import Sink
+from ckptd.sinks.promotion import PromotionTarget
 from ckptd.staging import Stager, Taken
 from ckptd.watcher import Hint, Watcher, observer_kind
 
@@ -50,6 +52,10 @@ _CRASH_RETRY = 60.0  # seconds before retrying a publish that failed in an unexp
 _JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
 
 
+def _no_targets(spec: str) -> PromotionTarget:
+    raise PublishError(f"no promotion targets in this daemon: {spec}", transient=False)
+
+
 class Service:
     """ckptd's daemon. Cheap to construct: nothing starts before `start()`."""
 
@@ -58,6 +64,7 @@ class Service:
         config: Config,
         sink_factory: Callable[[Config], Sink],
         clock: Callable[[], float] = time.time,
+        promotion_targets: Callable[[str], PromotionTarget] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -73,6 +80,9 @@ class Service:
         self.sink: Sink | None = None
         self.publisher: Publisher | None = None
         self.retention: Retention | None = None
+        self.promoter = Promoter(
+            config, self.journal, promotion_targets or _no_targets, self.wake, clock
+        )
         self.metrics = Metrics()
         self.drops = DropLog(self.journal, self.metrics)
         self.health: HealthServer | None = None
@@ -119,6 +129,7 @@ class Service:
         workers = self.config.upload.workers
         self._hasher.start()
         self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
+        self.promoter.start()
         self._stager.start()
         self._reclaim_orphan_snapshots()
         if self.config.wandb.mode == "offline":
@@ -179,6 +190,8 @@ class Service:
             if self.notifier.enabled:  # the status line costs journal queries
                 self.notifier.tick(now, self.status_line())
             if once and self.idle(now, once_deadline):
+                if self.promoter.plan_final(now):  # the run's final versions go on first
+                    continue
                 break
             if once and now >= max(batch_began, self._last_queued) + deadline:
                 log.warning("--deadline of %.0fs passed: exiting with what is published", deadline)
@@ -236,8 +249,10 @@ class Service:
         self._stager.shutdown()
         self._hasher.shutdown()
         self.abandoned = any(not f.done() for f in self._publishing.values())
+        self.abandoned |= self.promoter.busy()
         if self._publishers is not None:
             self._publishers.shutdown(wait=False, cancel_futures=True)
+        self.promoter.shutdown()
         if self.sink is not None:
             self.sink.close()  # W&B offline: finishing the runs writes their records
         with contextlib.suppress(JournalError):
@@ -288,7 +303,9 @@ class Service:
         self._hasher.collect(now)
         self._hasher.schedule(self.clock())
         self._schedule_publishing(now)
+        promotions_due = self.promoter.run_once(now)
         return min(
+            promotions_due,
             min((d.next_due() for d in self.detectors), default=math.inf),
             min(self._next_rescan, default=math.inf),
             self._next_retry(),
@@ -486,12 +503,18 @@ class Service:
     def _busy(self) -> bool:
         """Is a copy, a hash or a publish under way?"""
         publishing = any(not f.done() for f in self._publishing.values())
-        return bool(self._hasher.in_flight() or publishing or self._stager.in_flight())
+        return bool(
+            self._hasher.in_flight() or publishing or self._stager.in_flight()
+            or self.promoter.busy()
+        )  # fmt: skip
 
     def _queued_rows(self) -> list[Row]:
-        """Rows still to hash or publish, in collections that are not parked."""
+        """Rows still to hash, publish or promote, in collections (and to targets) that
+        are not parked."""
         parked = self.journal.parked()
         rows = self.journal.rows(states=("ready", "hashed", "published"))
+        promoting = {p.checkpoint_id for p in self.promoter.waiting()}
+        rows += [self.journal.get(checkpoint) for checkpoint in sorted(promoting)]
         return [r for r in rows if r.collection not in parked]
 
     def not_ready(self) -> str | None:

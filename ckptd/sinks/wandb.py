@@ -189,6 +189,22 @@ class WandbSink:
         except Exception as exc:
             raise self._classify(exc, f"looking up {collection}:{version}") from exc
 
+    def artifact(self, collection: str, type: str, version: str) -> Any:
+        """The public API's artifact `collection:version` (an alias or `vN`), or None if it
+        does not exist: for the promotion targets and downloads of this package. Raises
+        what the SDK raises."""
+        try:
+            return self._public_api().artifact(self._qualified(collection, version), type)
+        except Exception as exc:
+            if _MISSING_VERSION.search(str(exc)):
+                return None
+            raise
+
+    def classify(self, exc: BaseException, doing: str) -> PublishError:
+        """`exc`, raised by the SDK while `doing` something, as a PublishError that says
+        whether a retry can help; the API key masked."""
+        return self._classify(exc, doing)
+
     def close(self) -> None:
         with self._lock:
             runs, self._runs = list(self._runs.values()), {}
