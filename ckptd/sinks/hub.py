@@ -191,6 +191,11 @@ class HubTarget:
                     "no Hugging Face token: set HF_TOKEN or huggingface.token_file",
                     transient=False,
                 )
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # tqdm bars on stderr would break `log.format: json`
+        for noisy in ("httpx", "httpx2"):  # one INFO line per request, URLs included
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         endpoint = self.config.huggingface.endpoint or os.environ.get("HF_ENDPOINT") or None
         return HfApi(endpoint=endpoint, token=self._token)
 
