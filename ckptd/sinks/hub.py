@@ -191,7 +191,7 @@ class HubTarget:
                     "no Hugging Face token: set HF_TOKEN or huggingface.token_file",
                     transient=False,
                 )
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils.tqdm import disable_progress_bars
 
         disable_progress_bars()  # tqdm bars on stderr would break `log.format: json`
         for noisy in ("httpx", "httpx2"):  # one INFO line per request, URLs included
