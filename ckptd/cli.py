@@ -286,6 +286,10 @@ def _check(config: Config, source: Path) -> int:
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
+        for rule in watch.promote:
+            when = f"alias {rule.when.alias}" if rule.when.alias else f"final {rule.when.final}"
+            aliases = f" with {', '.join(rule.aliases)}" if rule.aliases else ""
+            print(f"    promote: when {when} -> {rule.to}{aliases}")
     return EXIT_OK
 
 

@@ -1,0 +1,265 @@
+"""Promotion rules, their journal steps and the promotion step, without a network: real
+SQLite journals, an injected clock, a recording target; and the Hub target's pure parts
+(which files make a model, the model card)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ckptd.checkpoint import CheckpointInfo, FileState
+from ckptd.config import Config, load_config
+from ckptd.errors import ConfigError, PublishError
+from ckptd.journal import Journal
+from ckptd.promote import PARKED_PREFIX, Promoter, fired
+from ckptd.rows import SCHEMA
+from ckptd.sinks.fetch import FetchedVersion
+from ckptd.sinks.hub import base_model, model_card, model_files
+from ckptd.sinks.promotion import Promotion
+
+TARGET = "registry:wandb-registry-model/demo"
+HUB = "huggingface:org/demo"
+
+
+def load(tmp_path: Path, promote: str, mode: str = "online") -> Config:
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(
+        f"wandb: {{mode: {mode}}}\nupload: {{retry: {{initial_delay: 2s, max_delay: 60s, "
+        f"give_up_after: 1h}}}}\nwatch:\n  - path: ck\n    promote: {promote}\n"
+    )
+    return load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("promote", "problem"),
+    [
+        ("[{when: {alias: best}, to: 'registry:model/demo'}]", "watch[0].promote[0].to: a "
+         "promotion target is registry:wandb-registry-<registry>/<collection> or "
+         "huggingface:<namespace>/<repo>, got 'registry:model/demo'"),
+        ("[{when: {alias: best}, to: 'huggingface:demo'}]", "got 'huggingface:demo'"),
+        ("[{when: {alias: best, final: best}, to: 'huggingface:o/r'}]",
+         "watch[0].promote[0].when: give exactly one of `alias: NAME` or `final: NAME`"),
+        ("[{when: {alias: best}, to: 'huggingface:o/r', aliases: [x]}]",
+         "`aliases` apply to registry targets"),
+        ("[{when: {alias: 'a:b'}, to: 'huggingface:o/r'}]", "without '/' or ':'"),
+        ("[{when: {alias: best}, to: 'huggingface:o/r', after: 1}]",
+         "watch[0].promote[0].after: unknown key"),
+    ],
+)  # fmt: skip
+def test_bad_rules_are_config_errors_naming_the_key(
+    tmp_path: Path, promote: str, problem: str
+) -> None:
+    """Each malformed rule is refused with its key path and what is wrong."""
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, promote)
+    assert any(problem in line for line in caught.value.problems), caught.value.problems
+
+
+def test_the_readme_promotion_example_is_a_valid_config(tmp_path: Path) -> None:
+    """The README's promotion config loads as written, with its three rules."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "promote:" in b]
+    (tmp_path / "ckptd.yaml").write_text(block)
+    config = load_config(tmp_path / "ckptd.yaml")
+    assert [r.to for r in config.watch[0].promote] == [
+        "registry:wandb-registry-model/demo", "huggingface:my-org/demo-model",
+        "huggingface:my-org/demo-model-final",
+    ]  # fmt: skip
+    assert config.huggingface.private
+
+
+def test_promotion_needs_online_mode(tmp_path: Path) -> None:
+    """Offline versions have no number until `wandb sync`: a rule there is a config error."""
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, f"[{{when: {{alias: best}}, to: '{TARGET}'}}]", mode="offline")
+    assert "watch[0].promote: promotion needs wandb.mode online" in caught.value.problems[0]
+
+
+def test_alias_rules_fire_for_the_aliases_a_version_gets(tmp_path: Path) -> None:
+    """`fired` names each alias rule whose alias the version got, with the rule's aliases;
+    `final` rules never fire at publish."""
+    config = load(
+        tmp_path,
+        f"[{{when: {{alias: best}}, to: '{TARGET}', aliases: [candidate]}}, "
+        f"{{when: {{alias: release}}, to: '{HUB}'}}, {{when: {{final: best}}, to: '{HUB}'}}]",
+    )
+    rules = config.watch[0].promote
+    assert fired(rules, ["latest", "step-5"]) == []
+    assert fired(rules, ["latest", "best"]) == [(TARGET, ("candidate",))]
+    assert fired(rules, ["release", "best"]) == [(TARGET, ("candidate",)), (HUB, ())]
+
+
+FILES = (FileState("ckpt.pt", 10, 1, 2, 3),)
+
+
+def published(journal: Journal, step: int, aliases: tuple[str, ...], promotions: list) -> int:
+    row_id = journal.add(
+        collection="model-checkpoint", watch_path=Path("/w"), relpath=f"ckpt_{step}.pt",
+        fingerprint="f", format="file", step=step, files=FILES, info=CheckpointInfo(step=step),
+        snapshot=None, now=1.0,
+    )  # fmt: skip
+    assert row_id is not None
+    journal.transition(row_id, "hashed", 2.0, md5s={"ckpt.pt": "x"}, digest=f"d{step}")
+    journal.mark_published(
+        row_id, 3.0, version=f"v{step}", aliases=aliases, best={}, promotions=promotions
+    )
+    journal.transition(row_id, "aliased", 4.0)
+    return row_id
+
+
+def test_an_old_journal_gains_promotions_and_a_rule_fires_once_per_version(
+    tmp_path: Path,
+) -> None:
+    """A schema-2 journal opens with the promotions table; a promotion is queued with its
+    publish, and queuing the same version and target again changes nothing."""
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / "journal.sqlite3")
+    db.executescript(SCHEMA)
+    db.execute("ALTER TABLE checkpoints ADD COLUMN durable INTEGER NOT NULL DEFAULT 1")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.commit()
+    db.close()
+    with Journal(state) as journal:
+        row_id = published(journal, 5, ("best",), [(TARGET, ("candidate",))])
+        (queued,) = journal.promotions()
+        assert (queued.checkpoint_id, queued.version, queued.step, queued.target) == (
+            row_id, "v5", 5, TARGET,
+        )  # fmt: skip
+        assert (queued.aliases, queued.state) == (("candidate",), "pending")
+        assert not journal.queue_promotion(row_id, TARGET, ("candidate",), 9.0)
+        assert journal.queue_promotion(row_id, HUB, (), 9.0)
+        assert [p.target for p in journal.promotions()] == [TARGET, HUB]
+
+
+class Recording:
+    """A promotion target that records what it is asked and fails as told."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.promoted: list[Promotion] = []
+        self.failures: list[PublishError] = []
+        self.closed = False
+
+    def promote(self, promotion: Promotion) -> str:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.promoted.append(promotion)
+        return f"promoted {promotion.version}"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Config, Journal, Recording]]:
+    config = load(
+        tmp_path, f"[{{when: {{alias: best}}, to: '{TARGET}'}}, {{when: {{final: best}}, "
+        f"to: '{HUB}'}}]"
+    )  # fmt: skip
+    journal = Journal(tmp_path / "state").open()
+    target = Recording(TARGET)
+    yield config, journal, target
+    journal.close()
+
+
+def drive(promoter: Promoter, now: float) -> None:
+    """One promotion step, then wait for what it started."""
+    promoter.run_once(now)
+    for future in list(promoter._running.values()):
+        future.result(10)
+
+
+def test_transient_failures_back_off_and_permanent_ones_park_the_target(
+    setup: tuple[Config, Journal, Recording],
+) -> None:
+    """A transient failure retries after a backoff; a permanent one parks the target with
+    its queue kept; unparked, the promotion lands once and is done."""
+    config, journal, target = setup
+    promoter = Promoter(config, journal, lambda spec: target, threading.Event(), lambda: 100.0)
+    promoter.start()
+    try:
+        published(journal, 1, ("best",), [(TARGET, ())])
+        target.failures = [
+            PublishError("timeout", transient=True), PublishError("403", transient=False),
+        ]  # fmt: skip
+        drive(promoter, 100.0)
+        (pending,) = journal.promotions(("pending",))
+        assert pending.attempts == 1 and pending.next_attempt_at > 100.0
+        assert pending.last_error == "timeout"
+        drive(promoter, 100.5)  # not due yet: nothing runs
+        assert len(target.failures) == 1
+        drive(promoter, pending.next_attempt_at)
+        assert f"{PARKED_PREFIX}{TARGET}" in journal.parked()
+        drive(promoter, 10_000.0)  # parked: nothing runs
+        assert target.promoted == [] and len(journal.promotions(("pending",))) == 1
+        journal.unpark()
+        drive(promoter, 10_000.0)
+        (done,) = journal.promotions()
+        assert (done.state, done.result) == ("done", "promoted v1")
+        assert [p.version for p in target.promoted] == ["v1"]
+    finally:
+        promoter.shutdown()
+    assert target.closed
+
+
+def test_final_rules_promote_the_holder_when_a_batch_ends(
+    setup: tuple[Config, Journal, Recording],
+) -> None:
+    """`final: best` queues the version holding best at the end, once."""
+    config, journal, target = setup
+    promoter = Promoter(config, journal, lambda spec: target, threading.Event(), lambda: 1.0)
+    first = published(journal, 1, ("best",), [])
+    published(journal, 2, ("latest",), [])
+    assert promoter.plan_final(5.0)
+    assert not promoter.plan_final(6.0)
+    (queued,) = journal.promotions()
+    assert (queued.checkpoint_id, queued.target) == (first, HUB)
+
+
+def test_model_files_are_what_from_pretrained_reads() -> None:
+    """A Trainer checkpoint gives its config, generation config and weights; never optimizer,
+    scheduler, RNG or trainer state; a PEFT adapter gives its adapter files; a directory
+    without a config is no HF layout."""
+    trainer = ["config.json", "generation_config.json", "model.safetensors", "optimizer.pt",
+               "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
+               "tokenizer.json", "README.md", "nested/config.json"]  # fmt: skip
+    assert model_files(Path("/x"), trainer) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    ]  # fmt: skip
+    adapter = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    assert model_files(Path("/x"), adapter) == ["adapter_config.json", "adapter_model.safetensors"]
+    sharded = ["config.json", "model-00001-of-00002.safetensors",
+               "model-00002-of-00002.safetensors", "model.safetensors.index.json"]  # fmt: skip
+    assert model_files(Path("/x"), sharded) == sorted(sharded)
+    with pytest.raises(PublishError, match="not an HF-loadable layout") as caught:
+        model_files(Path("/x"), ["model.pt", "optimizer.pt"])
+    assert not caught.value.transient
+    with pytest.raises(PublishError, match="no model weights"):
+        model_files(Path("/x"), ["config.json", "optimizer.pt"])
+
+
+def test_the_card_names_step_metrics_version_and_base_model(tmp_path: Path) -> None:
+    """The card carries the step, each metric, the W&B version and its link, and the base
+    model from config.json; a local path is no base model; the same input, the same card."""
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "openai-community/gpt2"}))
+    base = base_model(tmp_path)
+    assert base == "openai-community/gpt2"
+    fetched = FetchedVersion(
+        collection="model-checkpoint", type="model", version="v3",
+        qualified="team/proj/model-checkpoint:v3", step=500, metrics={"val_loss": 0.25},
+        url="https://wandb.example/team/proj/artifacts/model/model-checkpoint/v3",
+    )  # fmt: skip
+    card = model_card("org/demo", fetched, 500, base)
+    assert card.startswith("---\ntags:\n- ckptd\nbase_model: openai-community/gpt2\n---\n")
+    assert "Checkpoint at step 500" in card and "| val_loss | 0.25 |" in card
+    assert "[`team/proj/model-checkpoint:v3`](https://wandb.example/" in card
+    assert card == model_card("org/demo", fetched, 500, base)
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/data/run/ckpt"}))
+    assert base_model(tmp_path) is None
