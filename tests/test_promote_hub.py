@@ -40,7 +40,8 @@ def test_a_trainer_checkpoint_is_released_once_with_its_model_files_only(
     online_env: dict[str, str],
     hub: FakeHubServer,
 ) -> None:
-    """`ckptd promote model-checkpoint:best --to huggingface:org/demo` on a Trainer
+    """A `final: best` rule releases the best version when `--once` ends; and `ckptd promote
+    model-checkpoint:best --to huggingface:org/demo` on a Trainer
     checkpoint: a private repo whose one commit holds exactly the model files, byte for
     byte, and a model card naming the step, the metric and the W&B version; tag step-N. Run
     again: no new commit. With the tag gone (a crash between commit and tag): still no new
@@ -69,12 +70,18 @@ def test_a_trainer_checkpoint_is_released_once_with_its_model_files_only(
         "    format: hf-trainer\n"
         "    settle: 1s\n"
         "    aliases: {best: [{metric: eval_loss, mode: min, alias: best}]}\n"
+        "    promote: [{when: {final: best}, to: 'huggingface:org/final'}]\n"
     )
     env = {**online_env, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
     published = ckptd("run", "--config", str(config), "--once", env=env)
     assert published.returncode == 0, published.stdout + published.stderr
     assert wandb_server.alias_holder("model-checkpoint", "best") == "v0"
+    # The daemon's own `final: best` rule released the same version before --once exited.
+    final = hub.repo("org/final")
+    assert final is not None and len(final.commits) == 1
+    assert set(final.commits[0].files) == MODEL_FILES | {"README.md"}
+    assert final.tags == {f"step-{step}": final.commits[0].oid}
 
     promote = ["promote", "--config", str(config), "model-checkpoint:best",
                "--to", f"huggingface:{REPO}"]  # fmt: skip

@@ -29,10 +29,12 @@ Only the standard library is used.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,15 +115,14 @@ class FakeHubServer:
         self._repos: dict[str, _Repo] = {}
         self._objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through LFS
         self._requests: list[tuple[str, str]] = []
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Self:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = True
-        server.fake = self  # type: ignore[attr-defined]
+        server = _HTTPServer(("127.0.0.1", 0), _Handler)
+        server.fake = self
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="fake-hub", kwargs={"poll_interval": 0.05}
@@ -133,6 +134,7 @@ class FakeHubServer:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.close_connections()
         if self._thread is not None:
             self._thread.join(10)
 
@@ -339,6 +341,41 @@ _ROUTES: list[tuple[tuple[str, str], Any]] = [
     (("POST", rf"/{_REPO}\.git/info/lfs/objects/batch"), FakeHubServer._lfs_batch),
     (("PUT", r"/lfs/(?P<oid>[0-9a-f]{64})"), FakeHubServer._lfs_put),
 ]
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """One named thread per connection; `close_connections` ends the kept-alive ones that a
+    client left open, so that stopping the server leaves no thread behind."""
+
+    daemon_threads = True
+    fake: FakeHubServer
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._guard = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address),
+            name="fake-hub-connection", daemon=True,
+        )  # fmt: skip
+        with self._guard:
+            self._connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._guard:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._guard:
+            open_ = list(self._connections.items())
+        for sock, thread in open_:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            thread.join(5)
 
 
 class _Handler(BaseHTTPRequestHandler):
