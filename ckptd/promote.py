@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ckptd.config import Config, PromoteRule
-from ckptd.errors import CkptdError, JournalError, PublishError
+from ckptd.errors import CkptdError, JournalError, PromotionRefused, PublishError
 from ckptd.journal import Journal, PromotionRow
 from ckptd.logs import worth_logging
 from ckptd.retry import RetryPolicy
@@ -129,6 +129,17 @@ class Promoter:
         pending = self.journal.promotions(("pending",))
         return [p for p in pending if f"{PARKED_PREFIX}{p.target}" not in parked]
 
+    def unfinished(self, since: float) -> list[str]:
+        """Each promotion still pending, or failed at or after `since`, with its reason:
+        what a batch run reports before it exits 1."""
+        lines = []
+        for p in self.journal.promotions(("pending", "failed")):
+            if p.state == "failed" and p.updated_at < since:
+                continue
+            why = f"{p.state}: {p.last_error}" if p.last_error else p.state
+            lines.append(f"{p.collection}:{p.version} not promoted to {p.target} ({why})")
+        return lines
+
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -140,6 +151,13 @@ class Promoter:
     # -- one promotion, on a worker thread -------------------------------------------------
 
     def _promote(self, row: PromotionRow) -> None:
+        try:
+            self._attempt(row)
+        except JournalError as exc:  # nothing was lost: the promotion stays pending
+            log.error("promoting %s:%s to %s: %s; it stays queued",
+                      row.collection, row.version, row.target, exc)  # fmt: skip
+
+    def _attempt(self, row: PromotionRow) -> None:
         try:
             target = self._target(row.target)
             promotion = Promotion(
@@ -166,6 +184,12 @@ class Promoter:
         attempts = row.attempts + 1
         first = row.first_failure_at or now
         label = f"{row.collection}:{row.version} to {row.target}"
+        if isinstance(exc, PromotionRefused):  # this version only: the others go on
+            self.journal.update_promotion(
+                row.id, now, state="failed", attempts=attempts, last_error=str(exc)
+            )
+            log.error("not promoting %s: %s", label, exc)
+            return
         if not exc.transient:
             self.journal.update_promotion(row.id, now, attempts=attempts, last_error=str(exc))
             self.journal.park(f"{PARKED_PREFIX}{row.target}", str(exc), now)

@@ -210,6 +210,7 @@ class PromotionRow:
     first_failure_at: float | None
     last_error: str | None
     result: str | None
+    updated_at: float
 
     @classmethod
     def decode(cls, r: sqlite3.Row) -> PromotionRow:
@@ -218,7 +219,7 @@ class PromotionRow:
             version=r["version"], step=r["step"], target=r["target"],
             aliases=tuple(json.loads(r["aliases"])), state=r["state"], attempts=r["attempts"],
             next_attempt_at=r["next_attempt_at"], first_failure_at=r["first_failure_at"],
-            last_error=r["last_error"], result=r["result"],
+            last_error=r["last_error"], result=r["result"], updated_at=r["updated_at"],
         )  # fmt: skip
 
 

@@ -260,7 +260,8 @@ class Service:
                 self.publisher.settle_unconfirmed(again=False)
             self.left = leftovers.left_for_next_start(self.journal)
             self.unpublished = [
-                *self.left, *leftovers.failures(self.journal, since=self._started_at)
+                *self.left, *leftovers.failures(self.journal, since=self._started_at),
+                *self.promoter.unfinished(since=self._started_at),
             ]  # fmt: skip
         self.journal.close()
         if self.left:

@@ -15,7 +15,7 @@ import pytest
 
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.config import Config, load_config
-from ckptd.errors import ConfigError, PublishError
+from ckptd.errors import ConfigError, PromotionRefused, PublishError
 from ckptd.journal import Journal
 from ckptd.promote import PARKED_PREFIX, Promoter, fired
 from ckptd.rows import SCHEMA
@@ -207,6 +207,33 @@ def test_transient_failures_back_off_and_permanent_ones_park_the_target(
     finally:
         promoter.shutdown()
     assert target.closed
+
+
+def test_a_version_the_target_refuses_fails_alone(
+    setup: tuple[Config, Journal, Recording],
+) -> None:
+    """A version the target cannot take (gone, no model files) fails with its reason and is
+    reported as unfinished; the target is not parked and the next version is promoted."""
+    config, journal, target = setup
+    promoter = Promoter(config, journal, lambda spec: target, threading.Event(), lambda: 50.0)
+    promoter.start()
+    try:
+        published(journal, 1, ("best",), [(TARGET, ())])
+        published(journal, 2, ("best",), [(TARGET, ())])
+        target.failures = [PromotionRefused("model-checkpoint:v1 does not exist on W&B")]
+        drive(promoter, 50.0)
+        drive(promoter, 50.0)
+        assert [(p.version, p.state) for p in journal.promotions()] == [
+            ("v1", "failed"), ("v2", "done"),
+        ]  # fmt: skip
+        assert journal.parked() == {}
+        assert promoter.unfinished(since=0.0) == [
+            f"model-checkpoint:v1 not promoted to {TARGET} (failed: model-checkpoint:v1 does "
+            "not exist on W&B)"
+        ]
+        assert promoter.unfinished(since=51.0) == []
+    finally:
+        promoter.shutdown()
 
 
 def test_final_rules_promote_the_holder_when_a_batch_ends(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ckptd.errors import PublishError
+from ckptd.errors import PromotionRefused, PublishError
 from ckptd.hashing import md5_b64
 from ckptd.sinks.wandb import WandbSink
 
@@ -52,7 +52,7 @@ def fetch_version(
     for name, entry in entries.items():
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or getattr(entry, "ref", None) is not None:
-            raise PublishError(f"{label}: cannot promote a file named {name!r}", transient=False)
+            raise PromotionRefused(f"{label}: cannot promote a file named {name!r}")
     try:
         artifact.download(root=str(dest), skip_cache=True)
     except Exception as exc:
@@ -72,7 +72,7 @@ def _lookup(sink: WandbSink, collection: str, type: str, ref: str) -> Any:
     except Exception as exc:
         raise sink.classify(exc, f"looking up {collection}:{ref}") from exc
     if artifact is None:
-        raise PublishError(f"{collection}:{ref} does not exist on W&B", transient=False)
+        raise PromotionRefused(f"{collection}:{ref} does not exist on W&B")
     return artifact
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.config import Config
-from ckptd.errors import PublishError
+from ckptd.errors import PromotionRefused, PublishError
 from ckptd.sinks.fetch import FetchedVersion, fetch_version
 from ckptd.sinks.promotion import Promotion
 from ckptd.sinks.wandb import WandbSink
@@ -45,7 +45,7 @@ _MODEL_NAMES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
     "sentencepiece.bpe.model", "preprocessor_config.json", "processor_config.json",
-    "chat_template.json", "chat_template.jinja", "README.md",
+    "chat_template.json", "chat_template.jinja",
 })  # fmt: skip
 _MODEL_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 _PERMANENT_STATUS = {400, 401, 403, 404, 409, 422}
@@ -56,17 +56,16 @@ def model_files(root: Path, names: Iterable[str]) -> list[str]:
     model files only. PublishError(transient=False) if it is no HF-loadable layout."""
     chosen = sorted(
         name for name in names
-        if "/" not in name and name != "README.md"
+        if "/" not in name
         and (name in _MODEL_NAMES or any(fnmatch.fnmatch(name, p) for p in _MODEL_PATTERNS))
     )  # fmt: skip
     if not {"config.json", "adapter_config.json"} & set(chosen):
-        raise PublishError(
+        raise PromotionRefused(
             f"not an HF-loadable layout (no config.json or adapter_config.json at the top of "
-            f"{', '.join(sorted(names)) or 'an empty version'}): nothing to release",
-            transient=False,
+            f"{', '.join(sorted(names)) or 'an empty version'}): nothing to release"
         )
     if not any(fnmatch.fnmatch(name, p) for name in chosen for p in _MODEL_PATTERNS):
-        raise PublishError("no model weights (*.safetensors, pytorch_model*.bin)", transient=False)
+        raise PromotionRefused("no model weights (*.safetensors, pytorch_model*.bin)")
     return chosen
 
 

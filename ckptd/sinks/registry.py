@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from ckptd.config import Config
-from ckptd.errors import PublishError
+from ckptd.errors import PromotionRefused, PublishError
 from ckptd.sinks.promotion import Promotion
 from ckptd.sinks.wandb import WandbSink
 
@@ -38,7 +38,7 @@ class RegistryTarget:
         try:
             artifact = self._wandb.artifact(promotion.collection, promotion.type, promotion.version)
             if artifact is None:
-                raise PublishError(f"{label} does not exist on W&B (deleted?)", transient=False)
+                raise PromotionRefused(f"{label} does not exist on W&B (deleted?)")
             present = self._linked_here(artifact)
             wanted = set(promotion.aliases)
             if present is not None and wanted <= set(present.aliases):
