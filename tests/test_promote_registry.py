@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tests.conftest import Daemon, ckptd_status, wait_until
 from tests.support.checkpoints import renamed_in
-from tests.support.fake_wandb import FakeWandbServer
+from tests.support.fake_wandb import DEFAULT_ORG, FakeWandbServer
+from tests.test_fake_wandb_server import run_sdk
 
 REGISTRY = "wandb-registry-model/demo"
 # step -> val_loss: best lands on steps 1, 2, 4, 6 and 9.
@@ -53,8 +54,9 @@ def test_every_best_version_is_linked_once_even_across_a_kill(
 ) -> None:
     """Ten checkpoints with a rule "when best lands, link with alias candidate": the registry
     collection holds exactly the versions that were ever best, in order, `candidate` on the
-    last; ckptd killed -9 after the server took a link but before it answered links that
-    version once, not twice, after the restart."""
+    last (as the fake's state and as the SDK lists the registry collection); ckptd killed -9
+    after the server took a link but before it answered links that version once, not
+    twice, after the restart."""
     path, root = config(tmp_path, wandb_server), tmp_path / "ckpts"
     first = start_daemon("--config", str(path), env=online_env)
     first.wait_for_log("ckptd started")
@@ -87,6 +89,14 @@ def test_every_best_version_is_linked_once_even_across_a_kill(
     holders = {alias: m.metadata["step"] for m in members for alias in m.aliases}
     assert holders == {"candidate": 9, "latest": 9}
     assert links_of(wandb_server) == len(EVER_BEST)  # the killed one was sent once
+    listed = run_sdk(tmp_path, f"""
+        import wandb
+        registry = wandb.Api().artifact_collection("model", "{DEFAULT_ORG}/{REGISTRY}")
+        arts = list(registry.artifacts())
+        emit(steps=[a.metadata["step"] for a in arts], aliases=[sorted(a.aliases) for a in arts])
+    """, **online_env)  # fmt: skip
+    assert listed["steps"] == EVER_BEST[::-1]  # as the SDK lists them: newest first
+    assert listed["aliases"] == [["candidate", "latest"]] + [[]] * (len(EVER_BEST) - 1)
     assert wandb_server.unknown_operations == []
     status = ckptd_status(path, online_env)
     assert f"promote registry:{REGISTRY}: 5 done, 0 pending, 0 failed" in status

@@ -491,7 +491,7 @@ class _State:
                 version.collection.type, _now(),
             )  # fmt: skip
             self.portfolios[key] = portfolio
-            self.project(entity, registry)
+            self.artifact_type(self.project(entity, registry), portfolio.type)
         member = portfolio.member(version)
         if member is None:
             member = _Membership(version, len(portfolio.members), _now())
@@ -507,6 +507,15 @@ class _State:
                 other.aliases.discard(alias)
             member.aliases.add(alias)
         return portfolio, member
+
+    def memberships(self, version: _Version) -> list[tuple[_Portfolio, _Membership]]:
+        """Each registry collection ``version`` is linked into, with its membership there."""
+        found = []
+        for key in version.links:
+            member = self.portfolios[key].member(version)
+            assert member is not None
+            found.append((self.portfolios[key], member))
+        return found
 
     def resolve_member(self, portfolio: _Portfolio, ref: str) -> _Membership | None:
         """A live member of ``portfolio`` by ``vN`` or by alias."""
@@ -614,7 +623,18 @@ def _artifact_json(state: _State, version: _Version) -> Json:
         "fileCount": len(version.manifest_entries()),
         "createdAt": version.created_at,
         "updatedAt": version.updated_at,
-        "aliases": [_alias_json(state, version, a) for a in sorted(version.aliases)],
+        "aliases": [_alias_json(state, version, a) for a in sorted(version.aliases)]
+        + [
+            {
+                "__typename": "ArtifactAlias",
+                "id": state.alias_id_in(portfolio.id, alias),
+                "alias": alias,
+                "artifactCollectionName": portfolio.name,
+                "artifactCollection": _portfolio_info_json(state, portfolio),
+            }
+            for portfolio, member in state.memberships(version)
+            for alias in sorted(member.aliases)
+        ],
     }
 
 
@@ -1726,7 +1746,33 @@ class FakeWandbServer:
             "createdAt": project.created_at,
         }
 
+    def _typed_portfolio(self, variables: Json) -> _Portfolio | None:
+        name = variables.get("name") or variables.get("collection") or ""
+        key = (variables.get("entity") or "", variables.get("project") or "", name)
+        portfolio = self._state.portfolios.get(key)
+        if portfolio is None or portfolio.type != variables.get("type"):
+            return None
+        return portfolio
+
+    def _portfolio_json(self, portfolio: _Portfolio) -> Json:
+        return {
+            **_portfolio_info_json(self._state, portfolio),
+            "description": None,
+            "createdAt": portfolio.created_at,
+            "updatedAt": portfolio.created_at,
+            "type": {"name": portfolio.type},
+            "defaultArtifactType": {"name": portfolio.type},
+            "tags": {"edges": []},
+            "state": "READY",
+        }
+
     def _op_project_artifact_collection(self, variables: Json, query: str) -> Json:
+        portfolio = self._typed_portfolio(variables)
+        if portfolio is not None:  # a registry collection
+            type_json = self._type_json(variables)
+            assert type_json is not None
+            type_json["artifactCollection"] = self._portfolio_json(portfolio)
+            return {"project": {"artifactType": type_json}}
         collection = self._typed_collection(variables)
         type_json = self._type_json(variables)
         if type_json is not None:
@@ -1775,8 +1821,29 @@ class FakeWandbServer:
             type_json["artifactCollections"] = connection
         return {"project": {"artifactType": type_json}}
 
+    def _portfolio_artifacts(self, portfolio: _Portfolio, variables: Json) -> Json:
+        """A registry collection's versions: its own numbers, the linked artifacts."""
+        members = [m for m in portfolio.members if m.version.state == "COMMITTED"]
+        order = str(variables.get("order") or "-createdAt")
+        members.sort(key=lambda m: m.index, reverse=not order.startswith("+"))
+        chunk, info = _page(members, variables)
+        edges = [
+            {"version": f"v{m.index}", "node": _artifact_json(self._state, m.version)}
+            for m in chunk
+        ]
+        type_json = self._type_json(variables)
+        assert type_json is not None
+        type_json["artifactCollection"] = {
+            **self._portfolio_json(portfolio),
+            "artifacts": {"totalCount": len(members), "pageInfo": info, "edges": edges},
+        }
+        return {"project": {"artifactType": type_json}}
+
     def _op_project_artifacts(self, variables: Json, query: str) -> Json:
         state = self._state
+        portfolio = self._typed_portfolio(variables)
+        if portfolio is not None:
+            return self._portfolio_artifacts(portfolio, variables)
         collection = self._typed_collection(variables)
         type_json = self._type_json(variables)
         if type_json is None:
