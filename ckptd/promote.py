@@ -33,6 +33,7 @@ from ckptd.config import Config, PromoteRule
 from ckptd.errors import CkptdError, JournalError, PromotionRefused, PublishError
 from ckptd.journal import Journal, PromotionRow
 from ckptd.logs import worth_logging
+from ckptd.metrics import Metrics
 from ckptd.retry import RetryPolicy
 from ckptd.sinks.promotion import Promotion, PromotionTarget, open_target
 
@@ -65,8 +66,10 @@ class Promoter:
         targets: TargetFactory,
         wake: threading.Event,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.journal = journal
         self.retry = RetryPolicy(config.upload.retry)
         self.clock = clock
@@ -177,6 +180,7 @@ class Promoter:
         self.journal.update_promotion(
             row.id, self.clock(), state="done", result=result, last_error=None
         )
+        self._count(row, "done")
         log.info("promoted %s:%s to %s: %s", row.collection, row.version, row.target, result)
 
     def _failed(self, row: PromotionRow, exc: PublishError) -> None:
@@ -189,10 +193,12 @@ class Promoter:
                 row.id, now, state="failed", attempts=attempts, last_error=str(exc)
             )
             log.error("not promoting %s: %s", label, exc)
+            self._count(row, "failed")
             return
         if not exc.transient:
             self.journal.update_promotion(row.id, now, attempts=attempts, last_error=str(exc))
             self.journal.park(f"{PARKED_PREFIX}{row.target}", str(exc), now)
+            self._count(row, "parked")
             log.error(
                 "promotions to %s are parked: %s. They are kept; fix the cause and restart "
                 "ckptd (it also retries by itself after %.0fs)",
@@ -205,15 +211,20 @@ class Promoter:
                 first_failure_at=first,
             )  # fmt: skip
             log.error("gave up promoting %s after %d attempts: %s", label, attempts, exc)
+            self._count(row, "failed")
             return
         delay = self.retry.delay(attempts, exc.retry_after)
         self.journal.update_promotion(
             row.id, now, attempts=attempts, next_attempt_at=now + delay,
             first_failure_at=first, last_error=str(exc),
         )  # fmt: skip
+        self._count(row, "retry")
         if worth_logging(attempts):
             log.warning("promoting %s failed (attempt %d), retrying in %.1fs: %s",
                         label, attempts, delay, exc)  # fmt: skip
+
+    def _count(self, row: PromotionRow, outcome: str) -> None:
+        self.metrics.promotions.labels(target=row.target, outcome=outcome).inc()
 
     def _target(self, spec: str) -> PromotionTarget:
         with self._lock:

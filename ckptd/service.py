@@ -80,10 +80,10 @@ class Service:
         self.sink: Sink | None = None
         self.publisher: Publisher | None = None
         self.retention: Retention | None = None
-        self.promoter = Promoter(
-            config, self.journal, promotion_targets or _no_targets, self.wake, clock
-        )
         self.metrics = Metrics()
+        self.promoter = Promoter(
+            config, self.journal, promotion_targets or _no_targets, self.wake, clock, self.metrics
+        )
         self.drops = DropLog(self.journal, self.metrics)
         self.health: HealthServer | None = None
         self.notifier = SystemdNotifier.from_env()

@@ -204,6 +204,13 @@ def test_transient_failures_back_off_and_permanent_ones_park_the_target(
         (done,) = journal.promotions()
         assert (done.state, done.result) == ("done", "promoted v1")
         assert [p.version for p in target.promoted] == ["v1"]
+        counted = {
+            outcome: promoter.metrics.registry.get_sample_value(
+                "ckptd_promotions_total", {"target": TARGET, "outcome": outcome}
+            )
+            for outcome in ("retry", "parked", "done")
+        }
+        assert counted == {"retry": 1.0, "parked": 1.0, "done": 1.0}
     finally:
         promoter.shutdown()
     assert target.closed
