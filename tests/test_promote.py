@@ -18,7 +18,9 @@ from ckptd.config import Config, load_config
 from ckptd.errors import ConfigError, PromotionRefused, PublishError
 from ckptd.journal import Journal
 from ckptd.promote import PARKED_PREFIX, Promoter, fired
+from ckptd.retention_exec import Retention
 from ckptd.rows import SCHEMA
+from ckptd.sinks import RemoteVersion
 from ckptd.sinks.fetch import FetchedVersion
 from ckptd.sinks.hub import base_model, model_card, model_files
 from ckptd.sinks.promotion import Promotion
@@ -297,3 +299,45 @@ def test_the_card_names_step_metrics_version_and_base_model(tmp_path: Path) -> N
     assert card == model_card("org/demo", fetched, 500, base)
     (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/data/run/ckpt"}))
     assert base_model(tmp_path) is None
+
+
+class Listing:
+    """A sink that lists fixed versions and records deletions (retention's side only)."""
+
+    def __init__(self, versions: list[RemoteVersion]) -> None:
+        self.listed = versions
+        self.deleted: list[str] = []
+
+    def versions(self, collection: str, type: str) -> list[RemoteVersion]:
+        return self.listed
+
+    def links(self, collection: str, type: str, version: str) -> tuple[str, ...]:
+        return ()
+
+    def delete_version(self, collection: str, type: str, version: str) -> None:
+        self.deleted.append(version)
+
+
+def test_retention_keeps_a_version_until_its_promotion_lands(tmp_path: Path) -> None:
+    """A version queued for promotion is kept by remote retention (`queued for promotion`)
+    even when no alias protects it any more; once promoted, the rules apply as before."""
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(
+        "wandb: {mode: online}\nwatch:\n  - path: ck\n    artifact: model-checkpoint\n"
+        f"    retention: {{remote: {{keep_last: 1}}}}\n    promote: [{{when: {{alias: best}}, "
+        f"to: '{TARGET}'}}]\n"
+    )
+    config = load_config(path)
+    with Journal(tmp_path / "state") as journal:
+        published(journal, 1, ("best",), [(TARGET, ())])
+        published(journal, 2, (), [])
+        sink = Listing([RemoteVersion(f"v{s}", s, s, (), 10) for s in (1, 2)])
+        retention = Retention(config, journal, sink)  # the listing half of a Sink
+        result = retention.run(config.watch[0], 10.0, dry_run=True)
+        assert [(d.version, d.action, d.reason) for d in result.decisions] == [
+            ("v1", "keep", "queued for promotion"), ("v2", "keep", "among the newest 1 by step"),
+        ]  # fmt: skip
+        (pending,) = journal.promotions()
+        journal.update_promotion(pending.id, 11.0, state="done")
+        retention.run(config.watch[0], 12.0)
+        assert sink.deleted == ["v1"]

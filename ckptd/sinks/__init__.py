@@ -76,6 +76,7 @@ class RemoteVersion:
     size: int
     linked: bool = False
     metrics: Mapping[str, Any] = field(default_factory=dict)  # as ckptd recorded them
+    promoting: bool = False  # a promotion of it is queued (ckptd.promote); set by retention
 
 
 class Sink(Protocol):
