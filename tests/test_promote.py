@@ -5,6 +5,7 @@ SQLite journals, an injected clock, a recording target; and the Hub target's pur
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -341,3 +342,17 @@ def test_retention_keeps_a_version_until_its_promotion_lands(tmp_path: Path) -> 
         journal.update_promotion(pending.id, 11.0, state="done")
         retention.run(config.watch[0], 12.0)
         assert sink.deleted == ["v1"]
+
+
+def test_download_directories_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    """A release killed mid-download leaves its directory; the next one removes it, and
+    leaves a live process's alone."""
+    from ckptd.sinks.hub import _scratch
+
+    gone = tmp_path / f"hub-{2**22 + 12345}-x"  # above any pid_max (2**22): never live
+    gone.mkdir()
+    live = tmp_path / f"hub-{os.getppid()}-y"
+    live.mkdir()
+    mine = _scratch(tmp_path)
+    assert mine.name.startswith(f"hub-{os.getpid()}-") and mine.is_dir()
+    assert not gone.exists() and live.exists()

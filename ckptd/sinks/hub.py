@@ -151,9 +151,7 @@ class HubTarget:
         commit was made: False where the head holds the same files already)."""
         from huggingface_hub import CommitOperationAdd
 
-        scratch = self.config.state_dir / "promote"
-        scratch.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix="hub-", dir=scratch))
+        root = _scratch(self.config.state_dir / "promote")
         try:
             fetched = fetch_version(
                 self._wandb, promotion.collection, promotion.type, promotion.version, root
@@ -213,6 +211,27 @@ class HubTarget:
 
     def close(self) -> None:
         self._wandb.close()
+
+
+def _scratch(parent: Path) -> Path:
+    """A new download directory under `parent`, named for this process; those of processes
+    that are gone (killed mid-release: the daemon, or a `ckptd promote`) are removed first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob("hub-*-*"):
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"hub-{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _head(api: Any, repo: str) -> str | None:
