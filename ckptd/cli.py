@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         # A config that cannot run is a config error (exit 2) at start-up. `check` may run
         # where the key is not visible (systemd hands it over inside the unit): it says so.
-        api_key = _key_for(config, source) if args.command == "run" else None
+        api_key = _key_for(config, source) if args.command in ("run", "promote") else None
     except ConfigError as exc:
         print(f"ckptd: invalid configuration {exc.source}:", file=sys.stderr)
         for problem in mask_secrets(exc.problems, os.environ):
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "restore":
             return _restore(config, args)
         if args.command == "promote":
-            return _promote(config, source, args)
+            return _promote(config, api_key, args)
         return _run(
             config, api_key, once=args.once, until_file=args.until_file, deadline=args.deadline
         )
@@ -232,16 +232,15 @@ def _target_arg(text: str) -> str:
     return text
 
 
-def _promote(config: Config, source: Path, args: argparse.Namespace) -> int:
+def _promote(config: Config, api_key: str | None, args: argparse.Namespace) -> int:
     """`ckptd promote ARTIFACT[:REF] --to TARGET`: one version, at once."""
     from ckptd.logs import setup_logging
     from ckptd.promote import promote_now
 
     artifact, _, ref = str(args.artifact).partition(":")
-    api_key = _key_for(config, source)
     setup_logging(config.log.format, config.log.level, [api_key or "", *_hub_token(config)])
-    if config.wandb.mode != "online" or not api_key:
-        raise CkptdError("ckptd promote needs wandb.mode online and an API key (--config)")
+    if config.wandb.mode != "online":
+        raise CkptdError("ckptd promote needs a config with wandb.mode online (--config)")
     if args.alias and not args.to.startswith("registry:"):
         raise CkptdError("--alias applies to registry targets; a Hub release is tagged step-N")
     print(promote_now(config, api_key, artifact, ref or "latest", args.to, tuple(args.alias)))

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,3 +357,24 @@ def test_download_directories_of_dead_processes_are_removed(tmp_path: Path) -> N
     mine = _scratch(tmp_path)
     assert mine.name.startswith(f"hub-{os.getpid()}-") and mine.is_dir()
     assert not gone.exists() and live.exists()
+
+
+def test_promote_command_refuses_bad_input_before_any_network(tmp_path: Path) -> None:
+    """A malformed target is a usage error (2); an offline config, or --alias for a Hub
+    release, is refused with a message naming the problem (1)."""
+    from tests.conftest import CKPTD
+
+    def promote(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "WANDB_API_KEY": "k" * 40}
+        command = [*CKPTD, "promote", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+    bad = promote("model-checkpoint:best", "--to", "hub:org/x")
+    assert bad.returncode == 2 and "a promotion target is registry:" in bad.stderr
+    offline = promote("model-checkpoint:best", "--to", HUB)  # the embedded config: offline
+    assert offline.returncode == 1
+    assert "needs a config with wandb.mode online" in offline.stderr
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(f"wandb: {{mode: online}}\nwatch: [{{path: {tmp_path}}}]\n")
+    alias = promote("--config", str(config), "model-checkpoint:v3", "--to", HUB, "--alias", "x")
+    assert alias.returncode == 1 and "--alias applies to registry targets" in alias.stderr
