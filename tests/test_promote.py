@@ -378,3 +378,24 @@ def test_promote_command_refuses_bad_input_before_any_network(tmp_path: Path) ->
     config.write_text(f"wandb: {{mode: online}}\nwatch: [{{path: {tmp_path}}}]\n")
     alias = promote("--config", str(config), "model-checkpoint:v3", "--to", HUB, "--alias", "x")
     assert alias.returncode == 1 and "--alias applies to registry targets" in alias.stderr
+
+
+def test_the_hub_token_comes_from_the_token_file_else_hf_token(tmp_path: Path) -> None:
+    """`huggingface.token_file` wins over HF_TOKEN; an unreadable file is a permanent error
+    naming the key and the file."""
+    from ckptd.sinks.hub import read_token
+
+    token_file = tmp_path / "hf-token"
+    token_file.write_text("hf_fromfile\n")
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(f"huggingface: {{token_file: {token_file}}}\nwatch: [{{path: ck}}]\n")
+    assert read_token(load_config(path), {"HF_TOKEN": "hf_env"}) == "hf_fromfile"
+    path.write_text("watch: [{path: ck}]\n")
+    assert read_token(load_config(path), {"HF_TOKEN": "hf_env"}) == "hf_env"
+    assert read_token(load_config(path), {}) is None
+    path.write_text(f"huggingface: {{token_file: {tmp_path / 'gone'}}}\nwatch: [{{path: ck}}]\n")
+    with pytest.raises(
+        PublishError, match=r"huggingface\.token_file: cannot read .*gone"
+    ) as caught:
+        read_token(load_config(path), {})
+    assert not caught.value.transient
