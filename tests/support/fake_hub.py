@@ -115,6 +115,7 @@ class FakeHubServer:
         self._repos: dict[str, _Repo] = {}
         self._objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through LFS
         self._requests: list[tuple[str, str]] = []
+        self._faults: list[list[Any]] = []  # [method, path prefix, status, times left]
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -160,6 +161,12 @@ class FakeHubServer:
                 return None
             return HubRepo(repo.repo_id, repo.private, tuple(repo.commits), dict(repo.tags))
 
+    def fail(self, method: str, prefix: str, status: int, times: int = 1) -> None:
+        """Answer the next `times` requests `method prefix...` with `status` (after the
+        token check), doing nothing else."""
+        with self._lock:
+            self._faults.append([method, prefix, status, times])
+
     def drop_tag(self, repo_id: str, tag: str) -> None:
         """Remove a tag, as if the client had died between its commit and its tag."""
         with self._lock:
@@ -190,6 +197,10 @@ class FakeHubServer:
             signed = path.startswith("/lfs/") and query.get("sig") == self._sign(path)
             if not signed and headers.get("authorization") != f"Bearer {self.token}":
                 raise _Failure(401, "Invalid credentials in Authorization header")
+            for fault in self._faults:
+                if fault[3] > 0 and fault[0] == method and path.startswith(fault[1]):
+                    fault[3] -= 1
+                    raise _Failure(fault[2], "injected fault")
             for pattern, handler in _ROUTES:
                 match = re.fullmatch(pattern[1], path)
                 if match and pattern[0] == method:
