@@ -38,7 +38,7 @@ from bench import _common as c
 from ckptd import sidecar
 from ckptd.config import load_config
 from ckptd.detect import Detector
-from ckptd.journal import Journal
+from ckptd.journal import Journal, NewRow
 
 AN_HOUR_AGO = time.time() - 3600  # mtimes: long settled
 SETTLE = 5.0  # seconds: the default settle window, which the watch entries keep
@@ -95,16 +95,17 @@ def prefill(config_path: Path, state_dir: Path, skip: Path) -> int:
             for ready in found.values():
                 if ready.unit == skip:
                     continue
-                row_id = journal.add(
+                new = NewRow(
                     collection=watch.artifact, watch_path=watch.path, relpath=ready.relpath,
                     fingerprint=ready.fingerprint, format=ready.format, step=ready.info.step,
-                    files=ready.files, info=ready.info, snapshot=None, now=now,
+                    files=ready.files, info=ready.info, snapshot=None,
                 )  # fmt: skip
+                row_id = journal.add(new, now)
                 assert row_id is not None
                 md5s = {f.name: "AAAAAAAAAAAAAAAAAAAAAA==" for f in ready.files}
-                journal.transition(row_id, "hashed", now, md5s=md5s, digest=f"prefill-{row_id}")
+                journal.mark_hashed(row_id, now, md5s=md5s, digest=f"prefill-{row_id}")
                 journal.mark_published(row_id, now, version=f"v{count}", aliases=(), best={})
-                journal.transition(row_id, "aliased", now)
+                journal.mark_aliased(row_id, now)
                 count += 1
         journal.close()
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,10 @@ def with_ckptd(
     watch = c.watch_entry(root, name, format="file" if layout == "single" else "torch-dcp")
     env = c.wandb_env(tmp / f"wandb-{name}", server)
     raw = profile / f"throughput-{name}.raw" if profile else None
-    with c.Ckptd(tmp / name, [watch], env, workers=workers, profile=raw) as daemon:
+    # At the raw SDK's own priority: this measures the pipeline, not `upload.priority`'s
+    # yielding to other work (bench.priority measures that).
+    normal = {"priority": "normal"}
+    with c.Ckptd(tmp / name, [watch], env, workers=workers, profile=raw, upload=normal) as daemon:
         tree = c.ProcTree(daemon.pid).start()
         warm = write_checkpoint(root, layout, 0, 4096, 1)
         warm.rename(final_name(warm))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointInfo", "FileState", "content_digest", "stat_files"]
+__all__ = ["CheckpointInfo", "FileState", "content_digest", "fingerprint", "stat_files"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,25 @@ class FileState:
     @classmethod
     def of(cls, name: str, path: Path) -> FileState:
         """Stat `path` (not following a final symlink's absence: it must exist)."""
-        st = path.stat()
+        return cls.from_stat(name, path.stat())
+
+    @classmethod
+    def from_stat(cls, name: str, st: os.stat_result) -> FileState:
         return cls(name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    @property
+    def identity(self) -> str:
+        """What makes these the same bytes at this name. ctime is left out: ckptd's own
+        hard-link snapshot changes it (the link count is part of the inode), and every real
+        rewrite changes mtime or the inode anyway."""
+        return f"{self.name}:{self.size}:{self.ino}:{self.mtime_ns}"
+
+    def same_bytes(self, other: FileState, *, same_inode: bool = True) -> bool:
+        """Is `other` the same content as this, by size and mtime (and inode, where the
+        file should be the very same one: a link, not a copy)?"""
+        if same_inode and self.ino != other.ino:
+            return False
+        return (self.size, self.mtime_ns) == (other.size, other.mtime_ns)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +66,11 @@ class FileState:
             int(data["mtime_ns"]),
             int(data["ctime_ns"]),
         )
+
+
+def fingerprint(files: tuple[FileState, ...]) -> str:
+    """The identities of a checkpoint's files in one string; a rewrite of any changes it."""
+    return ";".join(f.identity for f in files)
 
 
 def stat_files(unit: Path) -> tuple[FileState, ...]:

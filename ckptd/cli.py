@@ -161,8 +161,7 @@ def _run(
     from ckptd.logs import setup_logging
     from ckptd.priority import lower_priority
     from ckptd.service import Service
-    from ckptd.sinks.promotion import open_target
-    from ckptd.sinks.wandb import WandbSink
+    from ckptd.sinks import factory
 
     setup_logging(config.log.format, config.log.level, [api_key or "", *_hub_token(config)])
     # Before any thread or wandb-core starts: they inherit it.
@@ -181,8 +180,8 @@ def _run(
         service.wake.set()
 
     service = Service(
-        config, lambda c: WandbSink(c, api_key),
-        promotion_targets=lambda spec: open_target(config, spec, api_key),
+        config, lambda c: factory.build(c, api_key),
+        promotion_targets=lambda spec: factory.promotion_target(config, spec, api_key),
     )  # fmt: skip
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     batch = False
@@ -236,6 +235,7 @@ def _promote(config: Config, api_key: str | None, args: argparse.Namespace) -> i
     """`ckptd promote ARTIFACT[:REF] --to TARGET`: one version, at once."""
     from ckptd.logs import setup_logging
     from ckptd.promote import promote_now
+    from ckptd.sinks import factory
 
     artifact, _, ref = str(args.artifact).partition(":")
     setup_logging(config.log.format, config.log.level, [api_key or "", *_hub_token(config)])
@@ -243,45 +243,44 @@ def _promote(config: Config, api_key: str | None, args: argparse.Namespace) -> i
         raise CkptdError("ckptd promote needs a config with wandb.mode online (--config)")
     if args.alias and not args.to.startswith("registry:"):
         raise CkptdError("--alias applies to registry targets; a Hub release is tagged step-N")
-    print(promote_now(config, api_key, artifact, ref or "latest", args.to, tuple(args.alias)))
+    sink = factory.build(config, api_key)
+    target = factory.promotion_target(config, args.to, api_key)
+    try:
+        print(promote_now(config, sink, target, artifact, ref or "latest", tuple(args.alias)))
+    finally:
+        target.close()
+        sink.close()
     return EXIT_OK
 
 
 def _key_for(config: Config, source: Path) -> str | None:
-    """The W&B API key; a ConfigError where online mode has none, or its file is unusable
-    (systemd must not restart into the same failure every 5 s)."""
-    from ckptd.sinks.wandb import read_api_key
+    """The destination's API key; a ConfigError where it needs one and none is there, or
+    its file is unusable (systemd must not restart into the same failure every 5 s)."""
+    from ckptd.sinks import factory
 
     try:
-        key = read_api_key(config)
+        key = factory.api_key(config)
     except CkptdError as exc:
         raise ConfigError(str(source), [str(exc)]) from None
-    if config.wandb.mode == "online" and not key:
-        raise ConfigError(
-            str(source),
-            [
-                "wandb.mode is online but no API key was found: set wandb.api_key_file or "
-                "WANDB_API_KEY (or use mode: offline)"
-            ],
-        )
+    if (problem := factory.missing_credentials(config, key)) is not None:
+        raise ConfigError(str(source), [problem])
     return key
 
 
 def _check(config: Config, source: Path) -> int:
     """Say what the config will do: each watch entry, where it publishes, what it deletes,
     and whether the API key an online config needs is visible here."""
-    from ckptd.retention import describe
+    from ckptd.retention.plan import describe
 
     count = len(config.watch)
     print(f"{source}: OK ({count} watch entr{'y' if count == 1 else 'ies'})")
-    if config.wandb.mode == "online":
-        try:
-            _key_for(config, source)
-        except ConfigError as exc:
-            print(
-                f"  note: {exc.problems[0]}; under systemd, LoadCredential=wandb-api-key "
-                "provides it at start. Started without one, ckptd exits 2."
-            )
+    try:
+        _key_for(config, source)
+    except ConfigError as exc:
+        print(
+            f"  note: {exc.problems[0]}; under systemd, LoadCredential=wandb-api-key "
+            "provides it at start. Started without one, ckptd exits 2."
+        )
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
@@ -364,13 +363,13 @@ def _gc(config: Config, *, dry_run: bool) -> int:
 
     from ckptd.errors import StateDirLocked
     from ckptd.logs import setup_logging
-    from ckptd.retention_exec import Retention
-    from ckptd.sinks.wandb import WandbSink, read_api_key
+    from ckptd.retention.run import Retention
+    from ckptd.sinks import factory
 
-    api_key = read_api_key(config)
+    api_key = factory.api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
-    if config.wandb.mode == "online" and not api_key:
-        raise CkptdError("wandb.mode is online but no API key was found: set WANDB_API_KEY")
+    if (problem := factory.missing_credentials(config, api_key)) is not None:
+        raise CkptdError(problem)
     journal = Journal(config.state_dir)
     try:
         journal.open(exclusive=not dry_run)
@@ -379,7 +378,7 @@ def _gc(config: Config, *, dry_run: bool) -> int:
             f"{exc}. `ckptd gc` deletes only while the daemon is stopped (a running daemon "
             "applies retention itself after each publish): stop it, or use --dry-run"
         ) from None
-    sink = WandbSink(config, api_key)
+    sink = factory.build(config, api_key)
     try:
         retention = Retention(config, journal, sink)
         before, planned, now = len(journal.deletions()), 0, time.time()
@@ -458,32 +457,27 @@ def _refuse_watched(dest: Path, config: Config) -> None:
 
 def _restore(config: Config, args: argparse.Namespace) -> int:
     from ckptd.logs import setup_logging
-    from ckptd.restore import Target, has_checkpoint, restore
-    from ckptd.sinks.wandb import read_api_key
+    from ckptd.restore import has_checkpoint, restore
+    from ckptd.sinks import factory
 
     if args.config is not None:
         _refuse_watched(args.to, config)
     if args.if_missing and has_checkpoint(args.to):  # before any key or network is needed
         print(f"{args.to} already holds a checkpoint; nothing restored")
         return EXIT_OK
-    api_key = read_api_key(config)
+    api_key = factory.api_key(config)
     setup_logging(config.log.format, config.log.level, [api_key or ""])
-    if not api_key:
-        offline = args.config is not None and config.wandb.mode == "offline"
-        raise CkptdError(
-            ("offline mode: restore needs W&B online (a key and the network); versions "
-             "recorded offline are on W&B once `wandb sync` uploaded them. " if offline else "")
-            + "No W&B API key: set WANDB_API_KEY, wandb.api_key_file in --config, or "
-            "systemd's LoadCredential=wandb-api-key"
-        )  # fmt: skip
-    target = Target.resolve(
-        config, explicit_config=args.config is not None,
-        project=args.project, entity=args.entity, api_key=api_key,
+    sink = factory.reader(
+        config, api_key, explicit_config=args.config is not None,
+        project=args.project, entity=args.entity,
     )  # fmt: skip
     refs = [args.version] if args.version else args.alias or ["latest"]
-    result = restore(
-        args.artifact, args.to, target, refs=refs, if_missing=args.if_missing,
-        reference_roots=args.allow_reference_root,
-    )  # fmt: skip
+    try:
+        result = restore(
+            args.artifact, args.to, sink, refs=refs, if_missing=args.if_missing,
+            reference_roots=args.allow_reference_root,
+        )  # fmt: skip
+    finally:
+        sink.close()
     print(result.message)
     return EXIT_OK

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -51,11 +51,12 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.example.yaml")
 
+# `auto` and the names of ckptd.formats.auto.FORMATS (which imports this module, so the
+# schema cannot be built from it; tests/test_formats.py holds the two to the same set).
 Format = Literal[
     "auto", "file", "hf-trainer", "hf-pretrained", "lightning", "deepspeed", "torch-dcp",
     "orbax", "megatron", "nemo", "keras", "tensorflow",
 ]  # fmt: skip
-FORMATS: tuple[str, ...] = get_args(Format)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import sidecar
-from ckptd.checkpoint import CheckpointInfo, FileState, stat_files
+from ckptd.checkpoint import CheckpointInfo, FileState, fingerprint, stat_files
 from ckptd.config import WatchConfig
 from ckptd.drops import Drop
 from ckptd.errors import CheckpointChanged, SidecarError
@@ -68,7 +68,7 @@ class ReadyCheckpoint:
     @property
     def fingerprint(self) -> str:
         """The files' identities; a rewrite of any file changes it."""
-        return _fingerprint(self.files)
+        return fingerprint(self.files)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Detector:
         closed: bool = False,
     ) -> None:
         """A watcher event touched `path`; re-check the checkpoint it belongs to, soon."""
-        if path.name.endswith(sidecar.SUFFIX) or path.name == "metrics.json":
+        if path.name.endswith(sidecar.SUFFIX) or path.name == sidecar.INSIDE:
             self._expect_sidecar = True
             for pending in self._pending.values():
                 pending.recheck_at = now
@@ -190,7 +190,7 @@ class Detector:
         It is looked at again only once its files change."""
         pending = self._pending.get(unit)
         if pending is not None and pending.files:
-            self._dropped[unit] = _fingerprint(pending.files)
+            self._dropped[unit] = fingerprint(pending.files)
         self.forget(unit)
         self._drops.append(Drop(self.watch.artifact, unit, reason, detail))
 
@@ -211,7 +211,7 @@ class Detector:
         """The checkpoint at `relpath` with these files is in the journal: ignore the unit
         until they change. At start-up this spares re-reading every known checkpoint."""
         unit = self.root / relpath
-        self._done[unit] = _fingerprint(files)
+        self._done[unit] = fingerprint(files)
         self._done_files[unit] = _identities(files)
         self._dropped.pop(unit, None)
         self.forget(unit)
@@ -289,7 +289,7 @@ class Detector:
         held = pending.hold
         if held is not None and _identities(verdict.files) < _identities(held.files):
             return self._vanished(unit, pending, now)  # its writer is deleting it file by file
-        if self._done.get(unit) == _fingerprint(verdict.files):
+        if self._done.get(unit) == fingerprint(verdict.files):
             self.forget(unit)
             return None
         if _identities(verdict.files) < self._done_files.get(unit, frozenset()):
@@ -428,13 +428,13 @@ class Detector:
         fmt = self.fmt.name
         return ReadyCheckpoint(self.watch, unit, relpath, fmt, files, info, base, pending.hold)
 
-    def _unchanged(self, unit: Path, fingerprint: str) -> bool:
+    def _unchanged(self, unit: Path, known: str) -> bool:
         """Do the unit's files still have these identities? Stat calls only: the structural
         check, the sidecar and the journal are skipped for what is known. Anything else (a
         format that publishes fewer files than the unit holds, a prefix unit that is no
         file) is simply not a match and gets the full check."""
         try:
-            return _fingerprint(stat_files(unit)) == fingerprint
+            return fingerprint(stat_files(unit)) == known
         except OSError:
             return False
 
@@ -632,10 +632,4 @@ def _listing(unit: Path) -> tuple[FileState, ...]:
 
 
 def _identities(files: tuple[FileState, ...]) -> frozenset[str]:
-    return frozenset(f"{f.name}:{f.size}:{f.ino}:{f.mtime_ns}" for f in files)
-
-
-def _fingerprint(files: tuple[FileState, ...]) -> str:
-    # ctime is left out: ckptd's own hard-link snapshot changes it (the link count is part
-    # of the inode), and every real rewrite changes mtime or the inode anyway.
-    return ";".join(f"{f.name}:{f.size}:{f.ino}:{f.mtime_ns}" for f in files)
+    return frozenset(f.identity for f in files)

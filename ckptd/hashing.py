@@ -11,11 +11,12 @@ import base64
 import hashlib
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.checkpoint import content_digest
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import JournalError
@@ -65,26 +66,32 @@ class Hasher:
         threads: int,
         rate: ReadRate | None = None,
         drops: DropLog | None = None,
+        pool: Callable[[int], Executor] = lambda n: ThreadPoolExecutor(
+            n, thread_name_prefix="ckptd-hash"
+        ),
     ) -> None:
         self.journal = journal
         self.drops = drops
         self._wake = wake
         self._threads = threads
         self._rate = rate
-        self._pool: ThreadPoolExecutor | None = None
+        self._make_pool = pool
+        self._pool: Executor | None = None
         self._jobs: dict[int, _Job] = {}  # row id -> files being hashed
 
     def start(self) -> None:
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="ckptd-hash")
+        self._pool = self._make_pool(self._threads)
 
     def in_flight(self) -> list[Future[str]]:
         return [f for job in self._jobs.values() for f in job.futures.values()]
 
-    def schedule(self, now: float) -> None:
-        """Start hashing every `ready` row that is due and not being hashed yet."""
+    def schedule(self, now: float, live: Iterable[Row]) -> None:
+        """Start hashing every `ready` row of `live` that is due and not being hashed yet."""
         assert self._pool is not None, "start() first"
-        for row in self.journal.rows(states=("ready",)):
-            if row.id in self._jobs or row.snapshot is None or row.next_attempt_at > now:
+        for row in live:
+            if row.state != "ready" or row.id in self._jobs or row.snapshot is None:
+                continue
+            if row.next_attempt_at > now:
                 continue
             job = self._jobs[row.id] = _Job(row)
             for f in row.files:
@@ -109,7 +116,7 @@ class Hasher:
         """Quarantine `row`: failed with the reason, and a drop naming it."""
         detail = f"{type(exc).__name__}: {exc}"
         log.debug("recording the hashes of %s failed", row.source, exc_info=True)
-        self.journal.transition(row.id, "failed", now, last_error=f"crashed: {detail}")
+        self.journal.fail(row.id, now, f"crashed: {detail}")
         if self.drops is not None:
             self.drops.record(Drop(row.collection, row.source, "crashed", detail), now)
 
@@ -124,23 +131,19 @@ class Hasher:
                     "cannot read %s to hash it: %s; retrying every %.0fs",
                     row.source, errors[0], RETRY,
                 )  # fmt: skip
-            self.journal.update(
-                row.id, now, attempts=attempts, last_error=f"cannot read: {errors[0]}",
-                next_attempt_at=now + RETRY,
-            )  # fmt: skip
+            self.journal.retry_later(
+                row.id, now, at=now + RETRY, error=f"cannot read: {errors[0]}", attempts=attempts
+            )
             return
         md5s = {name: f.result() for name, f in job.futures.items()}
-        problem = snapshot.verify(Path(row.snapshot), row.files)
+        problem = staging.verify(Path(row.snapshot), row.files)
         if problem is not None:
-            self.journal.transition(row.id, "superseded", now, last_error=problem)
-            snapshot.remove(Path(row.snapshot))
+            self.journal.supersede(row.id, now, problem)
+            staging.remove(Path(row.snapshot))
             log.info("%s changed while it was hashed (%s); it will be re-detected",
                      row.source, problem)  # fmt: skip
             return
-        self.journal.transition(
-            row.id, "hashed", now, md5s=md5s, digest=content_digest(md5s),
-            attempts=0, next_attempt_at=0, last_error=None,
-        )  # fmt: skip
+        self.journal.mark_hashed(row.id, now, md5s=md5s, digest=content_digest(md5s))
 
     def shutdown(self) -> None:
         if self._pool is not None:

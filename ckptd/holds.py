@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.checkpoint import FileState
 
 __all__ = ["Hold", "Holder", "link_problem"]
@@ -69,8 +69,8 @@ class Holder:
             return None
         dest = self.staging / f"{self.collection}-{time.time_ns()}"
         try:
-            linked = snapshot.take(base, files, dest, copy=False)
-        except snapshot.CannotLink as exc:
+            linked = staging.take(base, files, dest, copy=False)
+        except staging.CannotLink as exc:
             self._cannot_link = link_problem(exc.errno)
             log.warning(
                 "cannot hard-link checkpoints from %s into %s (%s): a checkpoint deleted by its "
@@ -82,4 +82,4 @@ class Holder:
 
     @staticmethod
     def release(hold: Hold) -> None:
-        snapshot.remove(hold.dest)
+        staging.remove(hold.dest)

@@ -4,19 +4,16 @@
 watcher threads live and the coordinator keeps stepping (503 naming the stall once one step
 takes longer than `metrics.stall_after`); the server holds at most MAX_CONNECTIONS
 connections, each cut off after READ_TIMEOUT seconds of silence; `/readyz` answers 200
-once the journal is open and the configuration loaded (and, online, W&B answered). Each
-Service owns its own registry, so tests and several services in one process never share
-counters.
+once the journal is open and the configuration loaded, and the sink says its destination
+answers. Each Service owns its own registry, so tests and several services in one process
+never share counters.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["HealthServer", "Metrics", "Reachability"]
+__all__ = ["HealthServer", "Metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -90,36 +87,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class Reachability:
-    """Whether W&B answers HTTP at all (any status), probed at most every `interval` s."""
-
-    def __init__(self, base_url: str, interval: float = 30.0, timeout: float = 3.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.interval = interval
-        self.timeout = timeout
-        self._checked_at = -math.inf
-        self._problem: str | None = None
-        self._lock = threading.Lock()
-
-    def problem(self, now: float) -> str | None:
-        """None when W&B answered the last probe, else why not."""
-        with self._lock:
-            if now - self._checked_at >= self.interval:
-                self._problem = self._probe()
-                self._checked_at = now
-            return self._problem
-
-    def _probe(self) -> str | None:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=self.timeout):  # noqa: S310 - base_url is the configured W&B server
-                return None
-        except urllib.error.HTTPError:
-            return None  # it answered: reachable, whatever it thinks of the path
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return f"cannot reach {self.base_url}: {reason}"
 
 
 MAX_CONNECTIONS = 32  # concurrent connections to the metrics server; more are closed at once

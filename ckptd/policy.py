@@ -1,7 +1,8 @@
 """Alias policy: which aliases a new version takes. Pure functions of state, no I/O.
 
-The caller (the publisher) carries the plan out: it logs the version with `plan.aliases`,
-moves `latest` back when the plan says so, and records `plan.best` in the journal.
+The caller (the publisher) carries the plan out: it logs the version with `plan.aliases` and
+records `plan.best` in the journal. A step published after a higher one gets no `latest`;
+the publisher moves `latest` back once the late version is committed (the sink put it there).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class AliasPlan:
     """What to do with aliases when publishing one candidate."""
 
     aliases: tuple[str, ...]
-    repoint_latest: bool = False  # an older step landed last: `latest` goes back to the highest
     best: Mapping[str, float] = field(default_factory=dict)  # best aliases won, with values
     notes: tuple[str, ...] = ()  # problems worth one log line each (bad metric, bad alias)
 
@@ -93,7 +93,6 @@ def plan_aliases(
             notes.append(f"requested alias {alias!r} is not a valid W&B alias")
     return AliasPlan(
         aliases=tuple(dict.fromkeys(aliases)),
-        repoint_latest=rules.latest and not is_newest,
         best=won,
         notes=tuple(notes),
     )

@@ -7,13 +7,16 @@ journal queues in the same transaction that records the publish, so a crash betw
 publish and the promotion still promotes it, once. `final` rules fire when a batch run ends
 (`plan_final`), for the version that holds the alias then.
 
-`Promoter.run_once(now)` is the coordinator's promotion step: it hands the due promotions to
-worker threads, one at a time per target (so a Registry alias such as `candidate` ends on
+`Promoter.run_once(now)` is the coordinator's promotion step: it parks the targets whose
+promotion hit a permanent error, and hands the due promotions to worker threads (the
+service's pools), one at a time per target (so a Registry alias such as `candidate` ends on
 the last version promoted), oldest first. A promotion is marked done in the journal only
 after its target returned. Failures are treated as publishing's are: transient errors back
-off with `upload.retry` and give up after `give_up_after` (`failed`); a permanent error parks
-the target (`promote:<target>` in the journal's parked list: its queue is kept, it retries
-after `max_delay` or at the next start); `ckptd status` lists what is pending or failed.
+off with `upload.retry` and give up after `give_up_after` (`failed`), decided by the same
+`retry.next_after_failure` as publishing; a permanent error parks the target
+(`promote:<target>` in the journal's parked list: its queue is kept, it retries after
+`max_delay` or at the next start); a version the target cannot take fails alone; `ckptd
+status` lists what is pending or failed.
 
 `promote_now` is `ckptd promote`: one version, one target, at once, outside the journal
 (targets are idempotent, so running it twice changes nothing the first run made).
@@ -21,21 +24,21 @@ after `max_delay` or at the next start); `ckptd status` lists what is pending or
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 
 from ckptd.config import Config, PromoteRule
 from ckptd.errors import CkptdError, JournalError, PromotionRefused, PublishError
 from ckptd.journal import Journal, PromotionRow
 from ckptd.logs import worth_logging
 from ckptd.metrics import Metrics
-from ckptd.retry import RetryPolicy
-from ckptd.sinks.promotion import Promotion, PromotionTarget, open_target
+from ckptd.retry import GiveUp, Park, RetryPolicy, next_after_failure
+from ckptd.sinks import Sink
+from ckptd.sinks.promotion import Promotion, PromotionTarget
 
 __all__ = ["PARKED_PREFIX", "Promoter", "fired", "promote_now"]
 
@@ -77,9 +80,10 @@ class Promoter:
         self._wake = wake
         self._types = {w.artifact: w.type for w in config.watch}
         self._final = [(w.artifact, r) for w in config.watch for r in w.promote if r.when.final]
-        self._pool: ThreadPoolExecutor | None = None
-        # Owned by the coordinator thread: target -> its promotion in flight.
-        self._running: dict[str, Future[None]] = {}
+        self._pool: Executor | None = None
+        # Owned by the coordinator thread: target -> its promotion in flight, whose result
+        # is the reason to park that target (a permanent error), or None.
+        self._running: dict[str, Future[str | None]] = {}
         self._targets: dict[str, PromotionTarget] = {}  # opened on first use; under _lock
         self._lock = threading.Lock()
 
@@ -87,14 +91,17 @@ class Promoter:
     def enabled(self) -> bool:
         return any(w.promote for w in self.config.watch)
 
-    def start(self) -> None:
+    def start(self, make: Callable[[int, str], Executor]) -> None:
+        """Make the worker pool with `make(workers, name)` (the service's Pools)."""
         if self.enabled:
-            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="ckptd-promote")
+            self._pool = make(_WORKERS, "ckptd-promote")
 
     def run_once(self, now: float) -> float:
-        """Start each due promotion whose target is idle; returns when the next one is due."""
+        """Park the targets whose promotion just hit a permanent error, then start each due
+        promotion whose target is idle; returns when the next one is due. Coordinator only."""
         if self._pool is None:
             return math.inf
+        self._collect(now)
         parked = self.journal.parked()
         due = math.inf
         for promotion in self.journal.promotions(("pending",)):
@@ -110,6 +117,20 @@ class Promoter:
             future.add_done_callback(lambda _: self._wake.set())
             self._running[promotion.target] = future
         return due
+
+    def _collect(self, now: float) -> None:
+        for target, future in list(self._running.items()):
+            if not future.done():
+                continue
+            del self._running[target]
+            reason = None if future.cancelled() or future.exception() else future.result()
+            if reason is not None:
+                self.journal.park(f"{PARKED_PREFIX}{target}", reason, now)
+                log.error(
+                    "promotions to %s are parked: %s. They are kept; fix the cause and "
+                    "restart ckptd (it also retries by itself after %.0fs)",
+                    target, reason, self.retry.config.max_delay,
+                )  # fmt: skip
 
     def plan_final(self, now: float) -> bool:
         """Queue each `final` rule's promotion of the version holding its alias now (a
@@ -153,14 +174,16 @@ class Promoter:
 
     # -- one promotion, on a worker thread -------------------------------------------------
 
-    def _promote(self, row: PromotionRow) -> None:
+    def _promote(self, row: PromotionRow) -> str | None:
+        """Promote `row`; the reason to park its target, or None. Never raises."""
         try:
-            self._attempt(row)
+            return self._attempt(row)
         except JournalError as exc:  # nothing was lost: the promotion stays pending
             log.error("promoting %s:%s to %s: %s; it stays queued",
                       row.collection, row.version, row.target, exc)  # fmt: skip
+            return None
 
-    def _attempt(self, row: PromotionRow) -> None:
+    def _attempt(self, row: PromotionRow) -> str | None:
         try:
             target = self._target(row.target)
             promotion = Promotion(
@@ -169,24 +192,24 @@ class Promoter:
             )  # fmt: skip
             result = target.promote(promotion)
         except PublishError as exc:
-            self._failed(row, exc)
-            return
+            return self._failed(row, exc)
         except JournalError:
             raise
         except Exception as exc:  # one promotion must never stop the others
             log.exception("promoting %s:%s to %s crashed", row.collection, row.version, row.target)
-            self._failed(row, PublishError(f"{type(exc).__name__}: {exc}", transient=True))
-            return
+            return self._failed(row, PublishError(f"{type(exc).__name__}: {exc}", transient=True))
         self.journal.update_promotion(
             row.id, self.clock(), state="done", result=result, last_error=None
         )
         self._count(row, "done")
         log.info("promoted %s:%s to %s: %s", row.collection, row.version, row.target, result)
+        return None
 
-    def _failed(self, row: PromotionRow, exc: PublishError) -> None:
+    def _failed(self, row: PromotionRow, exc: PublishError) -> str | None:
+        """Record a failed attempt as publishing does (retry.next_after_failure); the reason
+        to park the target, or None."""
         now = self.clock()
         attempts = row.attempts + 1
-        first = row.first_failure_at or now
         label = f"{row.collection}:{row.version} to {row.target}"
         if isinstance(exc, PromotionRefused):  # this version only: the others go on
             self.journal.update_promotion(
@@ -194,34 +217,31 @@ class Promoter:
             )
             log.error("not promoting %s: %s", label, exc)
             self._count(row, "failed")
-            return
-        if not exc.transient:
+            return None
+        decision = next_after_failure(
+            self.retry, exc, attempts=attempts, first_failure_at=row.first_failure_at, now=now
+        )
+        if isinstance(decision, Park):
             self.journal.update_promotion(row.id, now, attempts=attempts, last_error=str(exc))
-            self.journal.park(f"{PARKED_PREFIX}{row.target}", str(exc), now)
             self._count(row, "parked")
-            log.error(
-                "promotions to %s are parked: %s. They are kept; fix the cause and restart "
-                "ckptd (it also retries by itself after %.0fs)",
-                row.target, exc, self.retry.config.max_delay,
-            )  # fmt: skip
-            return
-        if self.retry.gives_up(first, now):
+            return decision.reason
+        if isinstance(decision, GiveUp):
             self.journal.update_promotion(
                 row.id, now, state="failed", attempts=attempts, last_error=str(exc),
-                first_failure_at=first,
+                first_failure_at=decision.first_failure_at,
             )  # fmt: skip
             log.error("gave up promoting %s after %d attempts: %s", label, attempts, exc)
             self._count(row, "failed")
-            return
-        delay = self.retry.delay(attempts, exc.retry_after)
+            return None
         self.journal.update_promotion(
-            row.id, now, attempts=attempts, next_attempt_at=now + delay,
-            first_failure_at=first, last_error=str(exc),
+            row.id, now, attempts=attempts, next_attempt_at=decision.at,
+            first_failure_at=decision.first_failure_at, last_error=str(exc),
         )  # fmt: skip
         self._count(row, "retry")
         if worth_logging(attempts):
             log.warning("promoting %s failed (attempt %d), retrying in %.1fs: %s",
-                        label, attempts, delay, exc)  # fmt: skip
+                        label, attempts, decision.at - now, exc)  # fmt: skip
+        return None
 
     def _count(self, row: PromotionRow, outcome: str) -> None:
         self.metrics.promotions.labels(target=row.target, outcome=outcome).inc()
@@ -243,26 +263,19 @@ class Promoter:
 
 
 def promote_now(
-    config: Config, api_key: str | None, artifact: str, ref: str, spec: str,
+    config: Config, sink: Sink, target: PromotionTarget, artifact: str, ref: str,
     aliases: tuple[str, ...],
 ) -> str:  # fmt: skip
-    """`ckptd promote ARTIFACT:REF --to SPEC`: promote that version now; the target's line."""
+    """`ckptd promote ARTIFACT:REF --to TARGET`: promote the version of `sink` that `ref`
+    names to `target` now; the target's line saying what it holds."""
     from ckptd.sinks.fetch import resolve_version
-    from ckptd.sinks.wandb import WandbSink
 
     artifact_type = next((w.type for w in config.watch if w.artifact == artifact), "model")
-    sink = WandbSink(config, api_key)
-    target = open_target(config, spec, api_key)
-    try:
-        found = resolve_version(sink, artifact, artifact_type, ref)
-        if found.step is None:
-            raise CkptdError(f"{artifact}:{found.version} was not published by ckptd (no step)")
-        promotion = Promotion(
-            collection=artifact, type=artifact_type, version=found.version, step=found.step,
-            aliases=aliases, metrics=found.metrics,
-        )  # fmt: skip
-        return target.promote(promotion)
-    finally:
-        with contextlib.suppress(Exception):
-            target.close()
-        sink.close()
+    found = resolve_version(sink, artifact, ref)
+    if found.step is None:
+        raise CkptdError(f"{artifact}:{found.version} was not published by ckptd (no step)")
+    promotion = Promotion(
+        collection=artifact, type=artifact_type, version=found.version, step=found.step,
+        aliases=aliases, metrics=found.metrics,
+    )  # fmt: skip
+    return target.promote(promotion)

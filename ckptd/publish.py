@@ -1,23 +1,30 @@
 """The publisher: turns one hashed journal row into a committed version with its aliases.
 
-`publish(row)` runs on a worker thread. The service never runs two publishes of the same
-collection at once and always hands over the lowest step first, so versions of a collection
-are created in step order. Everything the publisher learns goes into the journal before it
-returns; a crash between the sink's commit and the journal's update is repaired on restart
-by publishing again, which the sink deduplicates by content.
+Publishing a row has two halves, so that a sink that pipelines can upload version N+1 while
+N is committing: `begin(row)` plans the aliases and hands the version to the sink;
+`complete(submitted)` waits for the commit, records it and finishes the row. The coordinator
+begins a collection's rows one at a time, lowest step first, and completes them in the same
+order; `publish(row)` does both at once. Planning counts versions begun and not yet
+completed as if they had landed (their step, the best values they won), since the sink
+commits them in order.
+
+Everything the publisher learns goes into the journal before it returns; a crash between
+the sink's commit and the journal's update is repaired on restart by publishing again, which
+the sink deduplicates by content. The publisher never raises PublishError: it returns an
+`Outcome`, and the coordinator parks collections and runs retention.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.config import Config, WatchConfig
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import PublishError
@@ -26,15 +33,34 @@ from ckptd.logs import worth_logging
 from ckptd.metrics import Metrics
 from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
 from ckptd.promote import fired
-from ckptd.retention_exec import Retention
-from ckptd.retry import RetryPolicy
-from ckptd.sinks import PublishRequest, Sink, SinkFile
+from ckptd.retry import GiveUp, Park, Retry, RetryPolicy, next_after_failure
+from ckptd.sinks import Pending, PublishRequest, Sink, SinkFile, VersionFacts
+from ckptd.sinks.metadata import unpublishable
 
-__all__ = ["Publisher", "invalid"]
+__all__ = ["Outcome", "Publisher", "Submitted"]
 
 log = logging.getLogger(__name__)
 
 _PUBLISHED = ("published", "aliased")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a row: `aliased` (its version is in place: retention may run), or
+    `park` (a permanent error: stop the collection, with this reason). Neither: it was
+    superseded, failed, or is scheduled for a retry; the journal says which."""
+
+    aliased: bool = False
+    park: str | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A row whose version the sink has been handed and not yet committed."""
+
+    row: Row
+    plan: AliasPlan
+    pending: Pending
 
 
 class Publisher:
@@ -47,13 +73,10 @@ class Publisher:
         sink: Sink,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
-        retention: Retention | None = None,
         drops: DropLog | None = None,
     ) -> None:
         self.config = config
-        self.online = config.wandb.mode == "online"
         self.metrics = metrics
-        self.retention = retention
         self.drops = drops
         self.journal = journal
         self.sink = sink
@@ -61,62 +84,83 @@ class Publisher:
         self.clock = clock
         self._watches = {(w.artifact, str(w.path)): w for w in config.watch}
         self._host = socket.gethostname()
-        # What W&B knew before this journal did (a new host, a lost state_dir): per
+        # What the sink knew before this journal did (a new host, a lost state_dir): per
         # collection, the highest step published and the version holding it. Filled once
-        # per collection by _learn_from_remote; only the thread publishing that collection
-        # touches its entry.
+        # per collection by _learn_from_remote.
         self._remote_highest: dict[str, tuple[int, str]] = {}
         self._learnt: set[str] = set()
+        # Versions begun and not completed, per collection, in the order they were begun.
+        self._in_flight: dict[str, list[Submitted]] = {}
+        self._lock = threading.Lock()  # guards _in_flight: begin and complete run on workers
 
     def watch_of(self, row: Row) -> WatchConfig:
         return self._watches[(row.collection, row.watch_path)]
 
-    def publish(self, row: Row) -> None:
-        """Publish `row` (state `hashed`) or record why not; never raises PublishError."""
+    def publish(self, row: Row) -> Outcome:
+        """Publish `row` (state `hashed`) and wait for its commit, or record why not."""
+        begun = self.begin(row)
+        return self.complete(begun) if isinstance(begun, Submitted) else begun
+
+    def begin(self, row: Row) -> Submitted | Outcome:
+        """Plan `row`'s aliases and hand its version to the sink; an Outcome where it ends
+        here (superseded, quarantined, or failed to start)."""
         watch = self.watch_of(row)
         assert row.snapshot is not None
-        snap = Path(row.snapshot)
-        if (problem := snapshot.verify(snap, row.files)) is not None:
-            self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
-            return
+        if (problem := staging.verify(Path(row.snapshot), row.files)) is not None:
+            return self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
         twin = self._same_content(row)
         if twin is not None:
-            self._supersede(row, f"same content as {twin.version or f'checkpoint #{twin.id}'}")
-            return
+            return self._supersede(row, f"same content as {twin}")
         try:
             plan, request = self._prepare(row, watch)
         except Exception as exc:  # planning one row must never block its collection
             log.debug("planning %s failed", row.source, exc_info=True)
-            self._quarantine(row, "crashed", f"{type(exc).__name__}: {exc}")
-            return
-        if (problem := invalid(request)) is not None:
-            self._quarantine(row, "invalid", problem)
-            return
+            return self._quarantine(row, "crashed", f"{type(exc).__name__}: {exc}")
+        if (problem := unpublishable(request)) is not None:
+            return self._quarantine(row, "invalid", problem)
         for note in plan.notes:
             log.warning("%s: %s", row.source, note)
         try:
-            result = self.sink.publish(request)
+            pending = self.sink.submit(request)
         except PublishError as exc:
-            self._failed(row, exc)
-            return
-        row = self.journal.mark_published(
-            row.id, self.clock(), version=result.version, aliases=plan.aliases, best=plan.best,
-            durable=result.committed, promotions=fired(watch.promote, plan.aliases),
-        )  # fmt: skip
+            return self._failed(row, exc)
+        submitted = Submitted(row, plan, pending)
+        with self._lock:
+            self._in_flight.setdefault(row.collection, []).append(submitted)
+        return submitted
+
+    def complete(self, submitted: Submitted) -> Outcome:
+        """Wait for a begun version's commit, record it and finish the row."""
+        row, plan = submitted.row, submitted.plan
+        try:
+            try:
+                result = submitted.pending.result()
+            except PublishError as exc:
+                return self._failed(row, exc)
+            row = self.journal.mark_published(
+                row.id, self.clock(), version=result.version, aliases=plan.aliases,
+                best=plan.best, durable=result.committed,
+                promotions=fired(self.watch_of(row).promote, plan.aliases),
+            )  # fmt: skip
+        finally:
+            with self._lock:
+                flights = self._in_flight.get(row.collection, [])
+                if submitted in flights:
+                    flights.remove(submitted)
         log.info(
             "published %s as %s:%s (step %d, %d files, %d bytes) with aliases %s",
             row.source, row.collection, result.version or "<offline>", row.step,
             len(row.files), row.size, ", ".join(plan.aliases) or "none",
         )  # fmt: skip
-        self.finish(row)
+        return self.finish(row)
 
-    def finish(self, row: Row) -> None:
+    def finish(self, row: Row) -> Outcome:
         """`published -> aliased`: put `latest` back on the highest step if an older step was
         published last, release the snapshot. Idempotent, so a crash in between is repaired
         by calling it again on start-up."""
         row = self.journal.get(row.id)  # the coordinator's copy may be stale
         if row.state != "published":
-            return  # finished already
+            return Outcome(aliased=row.state == "aliased")
         watch = self.watch_of(row)
         published = self.journal.rows(row.collection, _PUBLISHED)
         holder = max(published, key=lambda r: (r.step, r.id))
@@ -124,15 +168,15 @@ class Publisher:
         remote = self._remote_highest.get(row.collection)
         if remote is not None and remote[0] > step:
             step, version = remote
-        if watch.aliases.latest and version != row.version and step > row.step and self.online:
+        moves = self.sink.capabilities.moves_aliases
+        if watch.aliases.latest and version != row.version and step > row.step and moves:
             self._repoint_latest(row, step, version, watch)
         now = self.clock()
-        self.journal.transition(row.id, "aliased", now)
+        self.journal.mark_aliased(row.id, now)
         if row.snapshot and row.durable:  # else kept to publish again if the record is lost
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
         self._count_success(row, now)
-        if self.retention is not None:  # never raises: a failed deletion never blocks publishing
-            self.retention.after_publish(row.collection, self.clock())
+        return Outcome(aliased=True)
 
     def settle_unconfirmed(self, *, again: bool) -> list[Row]:
         """Confirm each published row the sink now vouches for (W&B offline: its record is
@@ -152,7 +196,7 @@ class Publisher:
                 if _key(row) in durable:
                     self.journal.confirm(row.id, self.clock())
                     if row.state == "aliased" and row.snapshot:
-                        snapshot.remove(Path(row.snapshot))
+                        staging.remove(Path(row.snapshot))
                 elif again:
                     left += self._publish_again(row)
                 else:
@@ -162,7 +206,7 @@ class Publisher:
     def _publish_again(self, row: Row) -> list[Row]:
         """Publish a row whose offline record was lost; [row] while it stays unconfirmed."""
         assert row.snapshot is not None
-        if (problem := snapshot.verify(Path(row.snapshot), row.files)) is not None:
+        if (problem := staging.verify(Path(row.snapshot), row.files)) is not None:
             self.journal.confirm(row.id, self.clock())  # nothing left to publish it from
             if self.drops is not None:
                 self.drops.record(Drop(row.collection, row.source, "unrecorded", problem),
@@ -189,6 +233,7 @@ class Publisher:
         watch = self.watch_of(row)
         assert row.snapshot is not None
         snap = Path(row.snapshot)
+        info = row.info
         return PublishRequest(
             collection=row.collection,
             type=watch.type,
@@ -196,52 +241,68 @@ class Publisher:
                 SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
             ),
             aliases=aliases,
-            metadata=self._metadata(row),
-            description=row.info.description or self._description(row, watch),
-            run_path=row.info.run_path or watch.run_path,
+            facts=VersionFacts(
+                step=row.step,
+                epoch=info.epoch,
+                metrics=info.metrics,
+                format=row.format,
+                source_path=str(row.source),
+                host=self._host,
+                files={f.name: f.size for f in row.files},
+                sidecar=info.source,
+                detected_at=row.detected_at,
+                extra=info.metadata,
+            ),
+            description=info.description or self._description(row, watch),
+            run_path=info.run_path or watch.run_path,
             ttl=watch.retention.remote.ttl,
             key=_key(row),
         )
 
-    def _quarantine(self, row: Row, reason: str, detail: str) -> None:
+    def _quarantine(self, row: Row, reason: str, detail: str) -> Outcome:
         """A permanent problem of this checkpoint alone: `failed` with the reason, a drop,
         and the collection moves on to its next checkpoint (retrying cannot help)."""
         now = self.clock()
-        self.journal.transition(
-            row.id, "failed", now, last_error=f"{reason}: {detail}", lease_owner=None
-        )
+        self.journal.fail(row.id, now, f"{reason}: {detail}")
         self.metrics.failed.labels(collection=row.collection).inc()
         if row.snapshot:
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
         if self.drops is not None:
             self.drops.record(Drop(row.collection, row.source, reason, detail), now)
         else:
             log.warning("not publishing %s (%s): %s", row.source, reason, detail)
+        return Outcome()
 
     def _plan(self, row: Row, watch: WatchConfig) -> AliasPlan:
+        """Aliases for `row`, counting the versions published and those still in flight."""
         published = self.journal.rows(row.collection, _PUBLISHED)
-        if not published:
+        with self._lock:
+            flights = list(self._in_flight.get(row.collection, ()))
+        if not published and not flights:
             self._learn_from_remote(row.collection, watch)
-        steps = [r.step for r in published]
+        steps = [r.step for r in published] + [f.row.step for f in flights]
         if row.collection in self._remote_highest:
             steps.append(self._remote_highest[row.collection][0])
         highest = max(steps, default=None)
         best = {alias: value for alias, (_, value) in self.journal.best(row.collection).items()}
+        for flight in flights:  # begun in order: each one's wins beat the ones before
+            best.update(flight.plan.best)
         candidate = Candidate(row.step, row.info.epoch, row.info.metrics, row.info.aliases)
         return plan_aliases(watch.aliases, candidate, highest, best)
 
     def _learn_from_remote(self, collection: str, watch: WatchConfig) -> None:
         """A journal with nothing published in this collection may be a new host or a lost
-        state_dir: read W&B's versions once, so that `best` and `latest` keep their places
-        (each best alias's current value from its holder's metadata, and the highest step)."""
-        if collection in self._learnt or not self.online:
+        state_dir: read the sink's versions once, so that `best` and `latest` keep their
+        places (each best alias's current value from its holder's metadata, and the highest
+        step)."""
+        if collection in self._learnt or not self.sink.capabilities.lists_versions:
             return
         try:
             versions = self.sink.versions(collection, watch.type)
         except PublishError as exc:
             log.warning(
-                "%s: cannot read its versions on W&B (%s); best and latest are decided from "
-                "this journal alone until it can", collection, exc,
+                "%s: cannot read its versions on W&B (%s); best and latest are decided "
+                "from this journal alone until it can", collection, exc,
             )  # fmt: skip
             return
         self._learnt.add(collection)
@@ -259,10 +320,16 @@ class Publisher:
                     collection, rule.alias_name, holder.version, rule.metric, value,
                 )  # fmt: skip
 
-    def _same_content(self, row: Row) -> Row | None:
+    def _same_content(self, row: Row) -> str | None:
+        """What `row`'s content was published as already (or is being published as)."""
         for other in self.journal.rows(row.collection, _PUBLISHED):
             if other.digest == row.digest and other.id != row.id:
-                return other
+                return other.version or f"checkpoint #{other.id}"
+        with self._lock:
+            flights = list(self._in_flight.get(row.collection, ()))
+        for flight in flights:
+            if flight.row.digest == row.digest and flight.row.id != row.id:
+                return f"checkpoint #{flight.row.id}"
         return None
 
     def _repoint_latest(self, row: Row, step: int, version: str | None, watch: WatchConfig) -> None:
@@ -290,69 +357,48 @@ class Publisher:
         self.metrics.publish_seconds.labels(**labels).observe(max(0.0, now - row.detected_at))
         self.metrics.last_success.labels(**labels).set(now)
 
-    def _failed(self, row: Row, exc: PublishError) -> None:
+    def _failed(self, row: Row, exc: PublishError) -> Outcome:
         now = self.clock()
         kind = "transient" if exc.transient else "permanent"
         self.metrics.retries.labels(collection=row.collection, kind=kind).inc()
         attempts = row.attempts + 1
-        first = row.first_failure_at or now
-        if not exc.transient:
-            self.journal.update(
-                row.id, now, attempts=attempts, last_error=str(exc), lease_owner=None
+        decision = next_after_failure(
+            self.retry, exc, attempts=attempts, first_failure_at=row.first_failure_at, now=now
+        )
+        if isinstance(decision, Park):
+            self.journal.retry_later(row.id, now, at=0, error=str(exc), attempts=attempts)
+            return Outcome(park=decision.reason)
+        if isinstance(decision, GiveUp):
+            self.journal.fail(
+                row.id, now, str(exc), attempts=attempts, first_failure_at=decision.first_failure_at
             )
-            self.journal.park(row.collection, str(exc), now)
-            self.metrics.parked.labels(collection=row.collection).set(1)
-            log.error(
-                "%s is parked: %s. Its queue is kept; fix the cause and restart ckptd "
-                "(it also retries by itself after %.0fs)",
-                row.collection, exc, self.retry.config.max_delay,
-            )  # fmt: skip
-            return
-        if self.retry.gives_up(first, now):
-            self.journal.transition(
-                row.id, "failed", now, attempts=attempts, last_error=str(exc),
-                first_failure_at=first,
-            )  # fmt: skip
             self.metrics.failed.labels(collection=row.collection).inc()
             log.error(
                 "gave up on %s after %d attempts over %.0fs: %s (its files are kept)",
-                row.source, attempts, now - first, exc,
+                row.source, attempts, now - decision.first_failure_at, exc,
             )  # fmt: skip
             if self.drops is not None:
                 self.drops.record(Drop(row.collection, row.source, "gave-up", str(exc)), now)
-            return
-        delay = self.retry.delay(attempts, exc.retry_after)
-        self.journal.update(
-            row.id, now, attempts=attempts, next_attempt_at=now + delay,
-            first_failure_at=first, last_error=str(exc), lease_owner=None,
+            return Outcome()
+        assert isinstance(decision, Retry)
+        self.journal.retry_later(
+            row.id, now, at=decision.at, error=str(exc), attempts=attempts,
+            first_failure_at=decision.first_failure_at,
         )  # fmt: skip
         if worth_logging(attempts):
             log.warning(
                 "publishing %s failed (attempt %d), retrying in %.1fs: %s",
-                row.source, attempts, delay, exc,
+                row.source, attempts, decision.at - now, exc,
             )  # fmt: skip
+        return Outcome()
 
-    def _supersede(self, row: Row, reason: str) -> None:
-        self.journal.transition(row.id, "superseded", self.clock(), last_error=reason)
+    def _supersede(self, row: Row, reason: str) -> Outcome:
+        self.journal.supersede(row.id, self.clock(), reason)
         self.metrics.superseded.labels(collection=row.collection).inc()
         if row.snapshot:
-            snapshot.remove(Path(row.snapshot))
+            staging.remove(Path(row.snapshot))
         log.info("not publishing %s: %s", row.source, reason)
-
-    def _metadata(self, row: Row) -> dict[str, Any]:
-        info = row.info
-        return {
-            **info.metadata,
-            "step": row.step,
-            "epoch": info.epoch,
-            "metrics": info.metrics,
-            "format": row.format,
-            "source_path": str(row.source),
-            "host": self._host,
-            "files": {f.name: f.size for f in row.files},
-            "size_bytes": row.size,
-            "ckptd": {"sidecar": info.source, "detected_at": row.detected_at, "key": _key(row)},
-        }
+        return Outcome()
 
     def _description(self, row: Row, watch: WatchConfig) -> str | None:
         if watch.description is None:
@@ -363,21 +409,6 @@ class Publisher:
             return watch.description.format_map(values)
         except (KeyError, ValueError, IndexError):
             return watch.description
-
-
-def invalid(request: PublishRequest) -> str | None:
-    """Why `request` carries values W&B cannot take (NaN or infinite numbers, objects that
-    are not JSON, text that is not Unicode), else None. Such a checkpoint fails at once:
-    sent, it would fail as if transiently and block its collection until give_up_after."""
-    try:
-        json.dumps(request.metadata, allow_nan=False)
-        for text in (request.description or "", request.run_path or "", *request.aliases):
-            text.encode("utf-8")
-        for f in request.files:
-            f.name.encode("utf-8")
-    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
-        return f"its metadata cannot be published: {type(exc).__name__}: {exc}"
-    return None
 
 
 def _key(row: Row) -> str:

@@ -1,13 +1,13 @@
 """`ckptd restore`: bring a published checkpoint back before training resumes.
 
 The first reference that exists wins (`--alias best --alias latest`, or one `--version`).
-The version's files are downloaded with the wandb public API into a hidden directory inside
-the destination (a mount point such as an emptyDir cannot be renamed over, and a directory
-beside it may be on another filesystem), checked against the manifest's md5 and size, and
-then renamed into place one top-level entry at a time, so the training job sees each file
-or checkpoint directory whole or not at all. A destination ckptd watches would publish the
-restored files again, so restore into a directory of its own (`ckptd restore --config`
-refuses a watched one).
+The sink (`Sink.resolve`, `Sink.download`) finds the version and downloads its files into a
+hidden directory inside the destination (a mount point such as an emptyDir cannot be renamed
+over, and a directory beside it may be on another filesystem); they are checked against the
+version's md5s and sizes, and then renamed into place one top-level entry at a time, so the
+training job sees each file or checkpoint directory whole or not at all. A destination ckptd
+watches would publish the restored files again, so restore into a directory of its own
+(`ckptd restore --config` refuses a watched one).
 
 Outcomes: a version restored; nothing published yet (the first start of a job: nothing is
 written, not even the destination); or skipped because the destination already holds a
@@ -24,22 +24,19 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-from ckptd.config import Config
-from ckptd.errors import CkptdError
+from ckptd.errors import CkptdError, PublishError
 from ckptd.hashing import md5_b64
-from ckptd.metrics import Reachability
+from ckptd.sinks import Sink, StoredFile, StoredVersion
 
 __all__ = [
     "RestoreError",
     "Restored",
-    "Target",
     "has_checkpoint",
     "refuse_references",
     "restore",
@@ -50,54 +47,10 @@ log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".ckptd-restore-"
 _VERSION = re.compile(r"^v?(\d+)$")
-_API_TIMEOUT = 60  # seconds for each W&B API call
-_PROBE_TIMEOUT = 10.0  # seconds for the server to answer at all
-_T = TypeVar("_T")
 
 
 class RestoreError(CkptdError):
     """Restoring failed for a reason that nothing but a fix or a retry resolves."""
-
-
-class _NotFound(Exception):
-    """The server answered that this project, collection, alias or version does not exist."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where published checkpoints live and how to reach them.
-
-    `resolve` applies the precedence every ckptd command uses: command-line flags, then the
-    config file (when one was given), then W&B's environment variables.
-    """
-
-    project: str
-    entity: str | None = None
-    base_url: str | None = None
-    api_key: str | None = None
-
-    @classmethod
-    def resolve(
-        cls,
-        config: Config,
-        *,
-        explicit_config: bool,
-        project: str | None,
-        entity: str | None,
-        api_key: str | None,
-        environ: Mapping[str, str] | None = None,
-    ) -> Target:
-        env = os.environ if environ is None else environ
-        wandb = config.wandb
-        if explicit_config:
-            project = project or wandb.project
-            entity = entity or wandb.entity
-        return cls(
-            project=project or env.get("WANDB_PROJECT") or wandb.project,
-            entity=entity or env.get("WANDB_ENTITY") or None,
-            base_url=wandb.base_url or env.get("WANDB_BASE_URL") or None,
-            api_key=api_key,
-        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +87,7 @@ def has_checkpoint(dest: Path) -> bool:
 def restore(
     artifact: str,
     dest: Path,
-    target: Target,
+    sink: Sink,
     *,
     refs: Iterable[str] = ("latest",),
     if_missing: bool = False,
@@ -142,101 +95,48 @@ def restore(
 ) -> Restored:
     """Download the first of `refs` (aliases or `vN`) that exists into `dest`.
 
-    A version whose manifest references files elsewhere is refused unless each reference
-    is an http(s) URL or a `file://` path under one of `reference_roots`: a reference is
-    followed by the SDK, so a hostile version could copy any local file into `dest`."""
+    A version whose files reference data elsewhere is refused unless each reference is an
+    http(s) URL or a `file://` path under one of `reference_roots`: a reference is followed
+    by the sink, so a hostile version could copy any local file into `dest`."""
     refs = tuple(refs) or ("latest",)
     if if_missing and has_checkpoint(dest):
         return Restored("skipped", f"{dest} already holds a checkpoint; nothing restored")
-    key = target.api_key
-    api = _connect(target)
-    entity = target.entity or _call(lambda: api.default_entity, "finding the default entity", key)
-    if not entity:
-        raise RestoreError("the API key has no default entity: pass --entity or wandb.entity")
-    where = f"{entity}/{target.project}/{artifact}"
     for ref in refs:
-        try:
-            found = _artifact(api, f"{where}:{ref}", key)
-        except _NotFound:
-            log.info("%s:%s does not exist", where, ref)
+        found = _resolve(sink, artifact, ref)
+        if found is None:
+            log.info("%s:%s does not exist", artifact, ref)
             continue
-        label = f"{where}:{found.version}"
-        refuse_references(found.manifest.entries, label, tuple(reference_roots))
-        files = _download(found, label, dest, key)
+        refuse_references(found.files, found.label, tuple(reference_roots))
+        files = _download(sink, found, dest)
         return Restored(
             "restored",
-            f"restored {where}:{found.version} ({ref}) into {dest}: {len(files)} file(s)",
+            f"restored {found.label} ({ref}) into {dest}: {len(files)} file(s)",
             ref=ref,
             version=found.version,
             files=files,
         )
     asked = ", ".join(refs)
-    if "latest" not in refs:
-        try:
-            latest = _artifact(api, f"{where}:latest", key)
-        except _NotFound:
-            pass
-        else:
-            hint = "" if any(_VERSION.match(r) for r in refs) else " (end with --alias latest)"
-            raise RestoreError(
-                f"{where} has versions (latest is {latest.version}) but none named {asked}; "
-                f"nothing restored{hint}"
-            )
-    return Restored("empty", f"nothing to restore: {where} has no version yet ({asked})")
+    if "latest" not in refs and (latest := _resolve(sink, artifact, "latest")) is not None:
+        hint = "" if any(_VERSION.match(r) for r in refs) else " (end with --alias latest)"
+        raise RestoreError(
+            f"{latest.label.rsplit(':', 1)[0]} has versions (latest is {latest.version}) but "
+            f"none named {asked}; nothing restored{hint}"
+        )
+    return Restored("empty", f"nothing to restore: {artifact} has no version yet ({asked})")
 
 
-def _connect(target: Target) -> Any:
-    import wandb
-
-    # Probe first: without a network the SDK says "AuthenticationError", after a long wait.
-    host = target.base_url or str(wandb.Settings().base_url)
-    unreachable = Reachability(host, timeout=_PROBE_TIMEOUT).problem(time.monotonic())
-    if unreachable is not None:
-        raise RestoreError(unreachable)
-    overrides = {"base_url": target.base_url} if target.base_url else {}
-    return _call(
-        lambda: wandb.Api(overrides=overrides, api_key=target.api_key, timeout=_API_TIMEOUT),
-        f"connecting to W&B{f' at {target.base_url}' if target.base_url else ''}",
-        target.api_key,
-    )
-
-
-def _artifact(api: Any, name: str, api_key: str | None) -> Any:
-    """The artifact version `name`; _NotFound when the server says it does not exist."""
-    import wandb
-
+def _resolve(sink: Sink, artifact: str, ref: str) -> StoredVersion | None:
     try:
-        return api.artifact(name)
-    except wandb.errors.CommError as exc:
-        # The SDK wraps the "no such project / membership" answer as a ValueError inside
-        # CommError; HTTP failures (401, 403, 5xx, timeouts) carry other inner errors.
-        inner = getattr(exc, "exc", None)
-        if type(inner) is ValueError and "not found" in str(inner):
-            raise _NotFound(name) from None
-        raise _failure(exc, f"looking up {name}", api_key) from None
-    except Exception as exc:
-        raise _failure(exc, f"looking up {name}", api_key) from None
+        return sink.resolve(artifact, ref)
+    except PublishError as exc:
+        raise RestoreError(str(exc)) from None
 
 
-def _call(action: Callable[[], _T], doing: str, api_key: str | None = None) -> _T:
-    try:
-        return action()
-    except Exception as exc:
-        raise _failure(exc, doing, api_key) from None
-
-
-def _failure(exc: BaseException, doing: str, api_key: str | None) -> RestoreError:
-    text = str(exc) or type(exc).__name__
-    if api_key:
-        text = text.replace(api_key, "<api-key>")
-    return RestoreError(f"{doing}: {type(exc).__name__}: {text}")
-
-
-def _download(artifact: Any, label: str, dest: Path, api_key: str | None) -> tuple[str, ...]:
-    """Download, verify and move `artifact`'s files into `dest`; returns their names.
+def _download(sink: Sink, version: StoredVersion, dest: Path) -> tuple[str, ...]:
+    """Download, verify and move `version`'s files into `dest`; returns their names.
     On failure nothing is left behind: no staging directory, nor `dest` if this made it."""
-    entries = artifact.manifest.entries
-    names = sorted(entries)
+    label = version.label
+    names = sorted(f.name for f in version.files)
     for name in names:
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or not path.parts:
@@ -249,13 +149,12 @@ def _download(artifact: Any, label: str, dest: Path, api_key: str | None) -> tup
     except OSError as exc:
         raise RestoreError(f"cannot write into {dest}: {exc.strerror or exc}") from None
     try:
-        _call(
-            lambda: artifact.download(root=str(staging), skip_cache=True),
-            f"downloading {label}",
-            api_key,
-        )
-        for name in names:
-            _verify(staging / name, entries[name], f"{label}: {name}")
+        try:
+            sink.download(version, staging)
+        except PublishError as exc:
+            raise RestoreError(str(exc)) from None
+        for file in version.files:
+            _verify(staging / file.name, file, f"{label}: {file.name}")
         try:
             _install(staging, dest)
         except OSError as exc:
@@ -270,12 +169,12 @@ def _download(artifact: Any, label: str, dest: Path, api_key: str | None) -> tup
     return tuple(names)
 
 
-def refuse_references(entries: Mapping[str, Any], label: str, roots: tuple[Path, ...]) -> None:
-    """Raise RestoreError unless every reference entry points where the user allows: an
+def refuse_references(files: Iterable[StoredFile], label: str, roots: tuple[Path, ...]) -> None:
+    """Raise RestoreError unless every referenced file points where the user allows: an
     http(s) URL, or a `file://` path that resolves under one of `roots`."""
     real_roots = [Path(os.path.realpath(root)) for root in roots]
-    for name, entry in sorted(entries.items()):
-        ref = getattr(entry, "ref", None)
+    for file in sorted(files, key=lambda f: f.name):
+        name, ref = file.name, file.ref
         if ref is None:
             continue
         url = urllib.parse.urlparse(str(ref))
@@ -296,15 +195,15 @@ def refuse_references(entries: Mapping[str, Any], label: str, roots: tuple[Path,
         )
 
 
-def _verify(path: Path, entry: Any, label: str) -> None:
-    """The downloaded file has the manifest's size and md5 (reference entries: size only)."""
+def _verify(path: Path, file: StoredFile, label: str) -> None:
+    """The downloaded file has the version's size and md5 (references: size only)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise RestoreError(f"{label}: missing from the download") from None
-    if entry.size is not None and size != entry.size:
-        raise RestoreError(f"{label}: {size} bytes downloaded, the manifest says {entry.size}")
-    if entry.ref is None and md5_b64(path) != entry.digest:
+    if file.size is not None and size != file.size:
+        raise RestoreError(f"{label}: {size} bytes downloaded, the manifest says {file.size}")
+    if file.md5_b64 is not None and md5_b64(path) != file.md5_b64:
         raise RestoreError(f"{label}: md5 does not match the manifest (corrupt download)")
 
 

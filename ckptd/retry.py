@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import tenacity
@@ -16,7 +17,7 @@ import tenacity
 from ckptd.config import RetryConfig
 from ckptd.errors import PublishError
 
-__all__ = ["RetryPolicy"]
+__all__ = ["GiveUp", "Park", "Retry", "RetryPolicy", "next_after_failure"]
 
 T = TypeVar("T")
 
@@ -62,3 +63,49 @@ class RetryPolicy:
             reraise=True,
         )
         return retryer(fn)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Try the checkpoint again at `at`."""
+
+    at: float
+    attempts: int
+    first_failure_at: float
+
+
+@dataclass(frozen=True)
+class Park:
+    """Stop the whole collection: retrying cannot help until someone fixes the cause."""
+
+    reason: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """This checkpoint has failed for longer than `give_up_after`: it ends `failed`."""
+
+    attempts: int
+    first_failure_at: float
+
+
+def next_after_failure(
+    policy: RetryPolicy,
+    error: PublishError,
+    *,
+    attempts: int,
+    first_failure_at: float | None,
+    now: float,
+) -> Retry | Park | GiveUp:
+    """What to do after attempt number `attempts` of a publish failed with `error`: a
+    permanent error parks the collection (the key, a permission, a name: the next
+    checkpoint would fail the same way); a transient one is retried with backoff until the
+    checkpoint has failed for `give_up_after`. A function of its arguments alone (and of the
+    policy's jitter)."""
+    first = now if first_failure_at is None else first_failure_at
+    if not error.transient:
+        return Park(str(error), attempts)
+    if policy.gives_up(first, now):
+        return GiveUp(attempts, first)
+    return Retry(now + policy.delay(attempts, error.retry_after), attempts, first)

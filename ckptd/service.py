@@ -1,12 +1,18 @@
-"""The daemon: watcher -> detector -> journal -> hashers -> publisher, on one coordinator.
+"""The daemon: watcher -> detector -> staging -> journal -> hashing -> publishing ->
+retention, driven by one coordinator.
 
-`Service.run_once(now)` is one iteration of the coordinator; it does all journal-driven
-scheduling and never blocks on I/O of its own beyond stat calls. Hashing and publishing run
-on thread pools. Lifecycle: `start()` opens the journal, confirms (or publishes again) what
-an earlier process published offline, starts the pools and the watcher and schedules the
-start-up scan; `run(stop)` loops until `stop` is set (or, in a batch run, until all is
-published or the deadline passed); `shutdown()` stops detecting, keeps hashing and publishing
-what the journal holds up to `upload.shutdown_timeout`, and releases everything.
+`Service.run_once(now)` is one iteration of the coordinator and reads no clock but `now`: it
+takes the watcher's hints, lets the detectors decide what is finished (stat calls and small
+reads of marker files), links snapshots, and does all journal-driven scheduling. Copies,
+hashing, publishing and retention run on executors it is given (thread pools; an inline
+executor in tests). It alone parks and unparks collections, triggers retention once a
+version is in place, and tells each detector what became of what it offered.
+
+Lifecycle: `start()` opens the journal, confirms (or publishes again) what an earlier
+process published offline, starts the pools and the watcher and schedules the start-up scan;
+`run(stop)` loops until `stop` is set (or, in a batch run, until all is published or the
+deadline passed); `shutdown()` stops detecting, keeps hashing and publishing what the
+journal holds up to `upload.shutdown_timeout`, and releases everything.
 """
 
 from __future__ import annotations
@@ -18,38 +24,65 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ckptd import leftovers, snapshot
+from ckptd import leftovers
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import JournalError, PublishError
 from ckptd.hashing import Hasher
 from ckptd.inputs import printable
-from ckptd.journal import Journal, Row
+from ckptd.journal import Journal, NewRow, Row
 from ckptd.metrics import HealthServer, Metrics
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
 from ckptd.promote import Promoter
-from ckptd.publish import Publisher
-from ckptd.retention_exec import Retention
+from ckptd.publish import Outcome, Publisher, Submitted
+from ckptd.retention.run import Retention
 from ckptd.sinks import Sink
 from ckptd.sinks.promotion import PromotionTarget
-from ckptd.staging import Stager, Taken
+from ckptd.staging import NotTaken, Stager, Taken, remove
 from ckptd.watcher import Hint, Watcher, observer_kind
 
-__all__ = ["Service"]
+__all__ = ["Pools", "Service"]
 
 log = logging.getLogger(__name__)
 
 _IDLE_WAKE = 1.0  # seconds: the longest the coordinator sleeps with nothing due
-_LEASE = 6 * 3600.0  # seconds a publish may hold its row; the state_dir lock is the real guard
 _CRASH_RETRY = 60.0  # seconds before retrying a publish that failed in an unexpected way
 _JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
+# Versions of one collection in flight at once where the sink pipelines: one committing
+# while the next uploads. More would only queue inside the SDK, holding snapshots longer.
+_PIPELINE_DEPTH = 2
+_LIVE = ("ready", "hashed", "published")
+
+
+def _threads(workers: int, name: str) -> Executor:
+    return ThreadPoolExecutor(workers, thread_name_prefix=name)
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Where the coordinator's work runs: `make(workers, name)` builds each executor (the
+    snapshot copier, the hashers, the publishers). Tests pass an inline executor."""
+
+    make: Callable[[int, str], Executor] = _threads
+
+
+@dataclass
+class _Flight:
+    """One row handed to a publisher thread: `begun` is set once the sink has its version
+    (or the row ended before), `done` holds what became of it."""
+
+    row_id: int
+    begun: threading.Event
+    done: Future[Outcome] = field(default_factory=Future)
 
 
 def _no_targets(spec: str) -> PromotionTarget:
@@ -64,10 +97,12 @@ class Service:
         config: Config,
         sink_factory: Callable[[Config], Sink],
         clock: Callable[[], float] = time.time,
+        pools: Pools | None = None,
         promotion_targets: Callable[[str], PromotionTarget] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.pools = pools or Pools()
         self.journal = Journal(config.state_dir)
         self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -93,9 +128,14 @@ class Service:
         # Owned by the coordinator thread only:
         rate = config.upload.max_read_rate
         read_rate = ReadRate(rate.bytes) if rate is not None and rate.bytes else None
-        self._hasher = Hasher(self.journal, self.wake, threads, read_rate, self.drops)
-        self._publishers: ThreadPoolExecutor | None = None
-        self._publishing: dict[str, Future[None]] = {}  # collection -> in-flight publish
+        self._hasher = Hasher(
+            self.journal, self.wake, threads, read_rate, self.drops,
+            pool=lambda n: self.pools.make(n, "ckptd-hash"),
+        )  # fmt: skip
+        self._publishers: Executor | None = None
+        self._flights: dict[str, list[_Flight]] = {}  # collection -> publishes, in step order
+        self._retaining: dict[str, Future[None]] = {}  # collection -> retention run
+        self._retain_again: set[str] = set()  # asked for while a run was under way
         self._next_rescan = [0.0 for _ in config.watch]
         self._stopping = False  # detection stopped: only what is queued is still worked on
         self._started_at = 0.0
@@ -104,7 +144,8 @@ class Service:
         self.unpublished: list[str] = []  # set by shutdown(): what a batch run failed to publish
         self.abandoned = False  # set by shutdown(): a publish was still running when it ended
         self._last_journal_problem: str | None = None
-        self._stager = Stager(self.staging, self.wake)
+        self._stager = Stager(self.staging, self.wake, lambda: self.pools.make(1, "ckptd-snapshot"))
+        self._detector_of = {id(d.watch): d for d in self.detectors}
         self._step_started_at = time.monotonic()  # written by the coordinator, read by /healthz
 
     @property
@@ -123,16 +164,15 @@ class Service:
         self.sink = self._sink_factory(self.config)
         self.retention = Retention(self.config, self.journal, self.sink)
         self.publisher = Publisher(
-            self.config, self.journal, self.sink, self.metrics, self.clock, self.retention,
-            self.drops,
-        )  # fmt: skip
+            self.config, self.journal, self.sink, self.metrics, self.clock, self.drops
+        )
         workers = self.config.upload.workers
         self._hasher.start()
-        self._publishers = ThreadPoolExecutor(workers, thread_name_prefix="ckptd-publish")
-        self.promoter.start()
+        self._publishers = self.pools.make(workers, "ckptd-publish")
+        self.promoter.start(self.pools.make)
         self._stager.start()
         self._reclaim_orphan_snapshots()
-        if self.config.wandb.mode == "offline":
+        if self.sink.capabilities.confirms_later:
             self.publisher.settle_unconfirmed(again=True)
         for detector in self.detectors:
             watch = detector.watch
@@ -142,9 +182,10 @@ class Service:
                 detector.expect_sidecars()
         self.watcher.start()
         log.info(
-            "ckptd started: %d watch entr%s, state in %s, W&B %s mode",
+            "ckptd started: %d watch entr%s, state in %s%s",
             len(self.config.watch), "y" if len(self.config.watch) == 1 else "ies",
-            self.config.state_dir, self.config.wandb.mode,
+            self.config.state_dir,
+            f"; {self.sink.capabilities.limits}" if self.sink.capabilities.limits else "",
         )  # fmt: skip
         self.notifier.ready(self.status_line())
 
@@ -214,6 +255,7 @@ class Service:
         """`run_once`, riding out a journal that cannot be written: a full or read-only
         state_dir is said once per distinct problem and tried again shortly; nothing was
         lost, the journal is transactional."""
+        self._step_started_at = time.monotonic()
         try:
             return self.run_once(now)
         except JournalError as exc:
@@ -248,15 +290,18 @@ class Service:
             self._drain(self.clock() + self.config.upload.shutdown_timeout)
         self._stager.shutdown()
         self._hasher.shutdown()
-        self.abandoned = any(not f.done() for f in self._publishing.values())
-        self.abandoned |= self.promoter.busy()
+        self.abandoned = self._publishing() or self.promoter.busy()
         if self._publishers is not None:
             self._publishers.shutdown(wait=False, cancel_futures=True)
         self.promoter.shutdown()
         if self.sink is not None:
             self.sink.close()  # W&B offline: finishing the runs writes their records
         with contextlib.suppress(JournalError):
-            if self.publisher is not None and self.config.wandb.mode == "offline":
+            if (
+                self.publisher is not None
+                and self.sink is not None
+                and (self.sink.capabilities.confirms_later)
+            ):
                 self.publisher.settle_unconfirmed(again=False)
             self.left = leftovers.left_for_next_start(self.journal)
             self.unpublished = [
@@ -285,33 +330,44 @@ class Service:
     # -- the single step ---------------------------------------------------------------------
 
     def run_once(self, now: float) -> float:
-        """One coordinator iteration; returns when the next one is due.
+        """One coordinator iteration at time `now`; returns when the next one is due.
 
         Whatever goes wrong with one candidate stays with it (a drop naming it); only a
         journal that cannot be written leaves the step (JournalError). While stopping, no
         new checkpoint is detected: the queue drains."""
-        self._step_started_at = time.monotonic()
         if not self._stopping:
             self._detect(now)
         finished = self._stager.collect()
-        for index, taken in enumerate(finished):
+        for index, done in enumerate(finished):
             try:
-                self._guarded(taken.detector, taken.ready, now, partial(self._record, taken, now))
+                self._staged(done, now)
             except JournalError:
                 for rest in finished[index + 1 :]:  # offered again once the journal works
-                    snapshot.remove(rest.dest)
+                    if isinstance(rest, Taken):
+                        remove(rest.dest)
                 raise
         self._hasher.collect(now)
-        self._hasher.schedule(self.clock())
-        self._schedule_publishing(now)
+        live = self.journal.rows(states=_LIVE)  # read once: every stage below works from it
+        self._hasher.schedule(now, live)
+        self._schedule_publishing(now, live)
         promotions_due = self.promoter.run_once(now)
         return min(
             promotions_due,
             min((d.next_due() for d in self.detectors), default=math.inf),
             min(self._next_rescan, default=math.inf),
-            self._next_retry(),
+            self._next_retry(live),
             self.retention.next_due() if self.retention is not None else math.inf,
         )
+
+    def _staged(self, done: Taken | NotTaken, now: float) -> None:
+        """Journal a finished copy, or tell its detector why there is none."""
+        detector = self._detector_of[id(done.ready.watch)]
+        if isinstance(done, Taken):
+            self._guarded(detector, done.ready, now, partial(self._record, done, now))
+        elif done.outcome == "vanished":
+            detector.forget(done.ready.unit)
+        elif done.outcome == "crashed":
+            detector.drop(done.ready.unit, "crashed", done.detail)
 
     def _detect(self, now: float) -> None:
         self._take_hints(now)
@@ -375,79 +431,116 @@ class Service:
         if self.journal.known(watch.artifact, watch.path, ready.relpath, ready.fingerprint):
             detector.mark_done(ready)
             if ready.hold is not None:
-                snapshot.remove(ready.hold.dest)
+                remove(ready.hold.dest)
         elif ready.hold is not None:  # held since it was whole: the hold is the snapshot
-            self._record(Taken(detector, ready, ready.hold.dest, ready.hold.files), now)
+            self._record(Taken(ready, ready.hold.dest, ready.hold.files), now)
         elif not self._stager.busy(ready.unit):
-            taken = self._stager.take(detector, ready)
-            if taken is not None:
+            taken = self._stager.take(ready)
+            if isinstance(taken, Taken):
                 self._record(taken, now)
+            elif taken is not None:
+                self._staged(taken, now)
 
     def _record(self, taken: Taken, now: float) -> None:
         """Journal a snapshotted checkpoint: from here on it is queued durably."""
         ready, watch = taken.ready, taken.ready.watch
+        new = NewRow(
+            collection=watch.artifact, watch_path=watch.path, relpath=ready.relpath,
+            fingerprint=ready.fingerprint, format=ready.format, step=ready.info.step,
+            files=taken.files, info=ready.info, snapshot=taken.dest,
+        )  # fmt: skip
         try:
-            self.journal.add(
-                collection=watch.artifact, watch_path=watch.path, relpath=ready.relpath,
-                fingerprint=ready.fingerprint, format=ready.format, step=ready.info.step,
-                files=taken.files, info=ready.info, snapshot=taken.dest, now=now,
-            )  # fmt: skip
+            self.journal.add(new, now)
         except JournalError:
             if ready.hold is None:  # a hold stays the detector's, offered again later
-                snapshot.remove(taken.dest)
+                remove(taken.dest)
             raise
         except Exception:  # never offered again (see _guarded): no row points at it
-            snapshot.remove(taken.dest)
+            remove(taken.dest)
             raise
-        taken.detector.mark_done(ready)
+        self._detector_of[id(watch)].mark_done(ready)
         self.drops.clear(watch.artifact, ready.unit)
         self.metrics.detected.labels(collection=watch.artifact).inc()
-        self._last_queued = self.clock()
+        self._last_queued = now
         log.info("finished checkpoint %s (step %s) queued", ready.unit, ready.info.step)
 
-    def _schedule_publishing(self, now: float) -> None:
-        assert self._publishers is not None and self.publisher is not None
-        parked = self.journal.parked()
-        for collection, (_, since) in parked.items():
-            if now - since >= self.config.upload.retry.max_delay:
-                log.info("retrying parked collection %s", collection)
-                self.journal.unpark(collection)
-        by_collection: dict[str, Row] = {}
+    # -- publishing ---------------------------------------------------------------------
+
+    def _schedule_publishing(self, now: float, live: Sequence[Row]) -> None:
+        """Collect finished publishes, then hand each collection its next row in step order:
+        the next may begin once the one before it has been handed to the sink (a pipelining
+        sink commits them in that order), up to _PIPELINE_DEPTH in flight."""
+        assert self._publishers is not None and self.retention is not None
+        parked = self._unpark_due(now)
+        # Rows in flight when `live` was read: a flight landing since then left its row
+        # stale in `live`, and it must not be published twice.
+        flying = {f.row_id for flights in self._flights.values() for f in flights}
+        self._collect_flights(now, parked)
         depth = {watch.artifact: 0 for watch in self.config.watch}
-        for row in self.journal.rows(states=("published",)):
-            by_collection.setdefault(row.collection, row)  # a crash left it half done: first
-        for row in self.journal.rows(states=("ready", "hashed")):
-            by_collection.setdefault(row.collection, row)  # rows come lowest step first
-            depth[row.collection] = depth.get(row.collection, 0) + 1
+        for row in live:
+            if row.state != "published":
+                depth[row.collection] = depth.get(row.collection, 0) + 1
         for collection, count in depth.items():
             self.metrics.queue_depth.labels(collection=collection).set(count)
             self.metrics.parked.labels(collection=collection).set(int(collection in parked))
-        assert self.retention is not None
-        for collection in self.retention.due(now):
-            busy = self._publishing.get(collection)
-            if collection not in by_collection and (busy is None or busy.done()):
-                # A deletion failed earlier and no publish is coming to retry it.
-                self._publishing[collection] = self._publishers.submit(
-                    self.retention.after_publish, collection, now
-                )
-        for collection, row in by_collection.items():
-            busy = self._publishing.get(collection)
-            if busy is not None and not busy.done():
+        limit = _PIPELINE_DEPTH if self.sink is not None and self.sink.capabilities.pipelines else 1
+        still = {f.row_id for flights in self._flights.values() for f in flights}
+        blocked: set[str] = set(parked)
+        for row in live:  # by collection, then step: each collection's next row first
+            collection = row.collection
+            if collection in blocked or row.id in still:
+                continue  # parked, decided, or in flight: the next row may follow it
+            blocked.add(collection)  # one decision per collection and step
+            if row.id in flying:
+                continue  # it landed since `live` was read: its state there is stale
+            flights = self._flights.get(collection, [])
+            if len(flights) >= limit or (flights and not flights[-1].begun.is_set()):
                 continue
-            if collection in parked or row.state == "ready" or row.next_attempt_at > now:
-                continue
-            self.journal.claim(row.id, now, _LEASE)
-            future = self._publishers.submit(self._publish_guarded, row)
-            future.add_done_callback(lambda _: self.wake.set())
-            self._publishing[collection] = future
+            if row.state == "ready" or row.next_attempt_at > now:
+                continue  # never overtake a lower step: versions keep step order
+            if row.state == "published" and flights:
+                continue  # a crash left it half done: finish it alone
+            self._fly(row, flights[-1].done if flights else None)
+        for collection in {*self.retention.due(now), *self._retain_again}:
+            self._retain(collection, now)  # a deletion failed earlier, or a version landed
 
-    def _publish_guarded(self, row: Row) -> None:
+    def _fly(self, row: Row, previous: Future[Outcome] | None) -> None:
+        assert self._publishers is not None
+        flight = _Flight(row.id, threading.Event())
+        self._flights.setdefault(row.collection, []).append(flight)
+        job = self._publishers.submit(self._publish, row, previous, flight.begun)
+        job.add_done_callback(partial(self._landed, flight))
+
+    def _landed(self, flight: _Flight, job: Future[Outcome]) -> None:
+        """A publisher thread finished `flight`: pass its outcome on and wake the loop."""
+        flight.begun.set()
+        if job.cancelled():
+            flight.done.cancel()
+        elif (error := job.exception()) is not None:
+            flight.done.set_exception(error)
+        else:
+            flight.done.set_result(job.result())
+        self.wake.set()
+
+    def _publish(
+        self, row: Row, previous: Future[Outcome] | None, begun: threading.Event
+    ) -> Outcome:
+        """On a publisher thread: begin `row`, wait for the version before it to be recorded
+        (they are recorded in step order), then complete it. Never raises."""
         assert self.publisher is not None
         try:
-            if row.state == "published":
-                self.publisher.finish(row)
-            else:
-                self.publisher.publish(row)
+            try:
+                if row.state == "published":
+                    return self.publisher.finish(row)
+                started = self.publisher.begin(row)
+            finally:
+                begun.set()
+                self.wake.set()
+            if isinstance(started, Submitted):
+                if previous is not None:
+                    wait_for([previous])
+                return self.publisher.complete(started)
+            return started
         except JournalError as exc:
             self._report_journal_problem(exc)  # the row stays queued and is tried again
         except Exception as exc:
@@ -455,13 +548,65 @@ class Service:
                           row.source, _CRASH_RETRY)  # fmt: skip
             now = self.clock()
             with contextlib.suppress(JournalError):
-                self.journal.update(
-                    row.id, now, next_attempt_at=now + _CRASH_RETRY, last_error=repr(exc)
-                )
-            raise
+                self.journal.retry_later(row.id, now, at=now + _CRASH_RETRY, error=repr(exc))
+        return Outcome()
 
-    def _next_retry(self) -> float:
-        pending = self.journal.rows(states=("ready", "hashed"))
+    def _collect_flights(self, now: float, parked: set[str]) -> None:
+        """Take each collection's finished publishes in order: park a collection that hit a
+        permanent error, run retention where a version landed."""
+        for collection, flights in self._flights.items():
+            while flights and flights[0].done.done():
+                flight = flights.pop(0)
+                if flight.done.cancelled() or flight.done.exception() is not None:
+                    continue
+                outcome = flight.done.result()
+                if outcome.park is not None and collection not in parked:
+                    self._park(collection, outcome.park, now)
+                    parked.add(collection)
+                if outcome.aliased:
+                    self._retain(collection, now)
+
+    def _retain(self, collection: str, now: float) -> None:
+        """Run retention for `collection` on a worker; once more after a run under way."""
+        assert self._publishers is not None and self.retention is not None
+        running = self._retaining.get(collection)
+        if running is not None and not running.done():
+            self._retain_again.add(collection)
+            return
+        self._retain_again.discard(collection)
+        job = self._publishers.submit(self.retention.after_publish, collection, now)
+        job.add_done_callback(lambda _: self.wake.set())
+        self._retaining[collection] = job
+
+    def _park(self, collection: str, reason: str, now: float) -> None:
+        """Stop publishing `collection` after a permanent error; its queue is kept."""
+        self.journal.park(collection, reason, now)
+        self.metrics.parked.labels(collection=collection).set(1)
+        log.error(
+            "%s is parked: %s. Its queue is kept; fix the cause and restart ckptd "
+            "(it also retries by itself after %.0fs)",
+            collection, reason, self.config.upload.retry.max_delay,
+        )  # fmt: skip
+
+    def _unpark_due(self, now: float) -> set[str]:
+        """Let each collection parked for max_delay try again; the ones still parked."""
+        parked = self.journal.parked()
+        for collection, (_, since) in list(parked.items()):
+            if now - since >= self.config.upload.retry.max_delay:
+                log.info("retrying parked collection %s", collection)
+                self.journal.unpark(collection)
+                del parked[collection]
+        return set(parked)
+
+    def _publishing(self) -> bool:
+        """Is a publish or a retention run still on a worker?"""
+        flights: list[Future[Outcome]] = [f.done for fs in self._flights.values() for f in fs]
+        return any(not f.done() for f in flights) or any(
+            not f.done() for f in self._retaining.values()
+        )
+
+    def _next_retry(self, live: Sequence[Row]) -> float:
+        pending = (r for r in live if r.state in ("ready", "hashed"))
         return min((r.next_attempt_at for r in pending if r.next_attempt_at > 0), default=math.inf)
 
     def _reclaim_orphan_snapshots(self) -> None:
@@ -474,7 +619,7 @@ class Service:
         live = {r.snapshot for r in rows}
         for entry in self.staging.iterdir():
             if str(entry) not in live:
-                snapshot.remove(entry)
+                remove(entry)
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -502,10 +647,9 @@ class Service:
         return None
 
     def _busy(self) -> bool:
-        """Is a copy, a hash or a publish under way?"""
-        publishing = any(not f.done() for f in self._publishing.values())
+        """Is a copy, a hash, a publish, a retention run or a promotion under way?"""
         return bool(
-            self._hasher.in_flight() or publishing or self._stager.in_flight()
+            self._hasher.in_flight() or self._publishing() or self._stager.in_flight()
             or self.promoter.busy()
         )  # fmt: skip
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "INSIDE",
     "MAX_DEPTH",
     "MAX_SIDECAR_BYTES",
     "MAX_STEP",
@@ -35,7 +36,8 @@ __all__ = [
     "write",
 ]
 
-SUFFIX = ".metrics.json"
+SUFFIX = ".metrics.json"  # the sidecar beside a checkpoint: `ckpt_500.pt.metrics.json`
+INSIDE = "metrics.json"  # the sidecar inside a directory checkpoint: read, never published
 MAX_SIDECAR_BYTES = 1 << 20
 MAX_DEPTH = 32  # levels of nesting a sidecar may have
 MAX_STEP = 2**63 - 1  # the journal's INTEGER
@@ -117,7 +119,7 @@ def candidates(unit: Path) -> list[Path]:
     paths = [unit.with_name(unit.name + SUFFIX)]
     if unit.suffix and not unit.is_dir():
         paths.append(unit.with_name(unit.stem + SUFFIX))
-    paths.append(unit / "metrics.json")
+    paths.append(unit / INSIDE)
     return paths
 
 

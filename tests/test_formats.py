@@ -1025,3 +1025,13 @@ def test_garbage_in_any_file_never_raises(spec_id: str, how: str, tmp_path: Path
             fmt.unit_for(unit.parent, path)
         path.write_bytes(original)
     assert fmt.check(unit).ready
+
+
+def test_the_config_names_every_format_of_the_registry_and_no_other() -> None:
+    """`watch[].format` accepts exactly `auto` and the formats ckptd can detect."""
+    from typing import get_args
+
+    from ckptd.config import Format
+    from ckptd.formats.auto import FORMATS
+
+    assert set(get_args(Format)) == {"auto", *FORMATS}

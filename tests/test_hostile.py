@@ -40,11 +40,13 @@ from ckptd.drops import DropLog
 from ckptd.errors import ConfigError, SidecarError
 from ckptd.formats import Verdict
 from ckptd.inputs import open_regular
-from ckptd.journal import Journal, Row
+from ckptd.journal import Journal, NewRow, Row
 from ckptd.metrics import HealthServer, Metrics
-from ckptd.publish import Publisher, invalid
+from ckptd.publish import Publisher
 from ckptd.restore import RestoreError, refuse_references
 from ckptd.service import Service
+from ckptd.sinks import StoredFile
+from ckptd.sinks.metadata import unpublishable
 from ckptd.sinks.wandb import WandbSink
 from tests.conftest import CKPTD, Daemon, wait_until
 from tests.support.checkpoints import renamed_in
@@ -328,22 +330,21 @@ def test_a_key_file_readable_by_others_is_warned_about_by_name(
 def test_restore_refuses_file_references_outside_the_allowed_roots(tmp_path: Path) -> None:
     """A manifest entry referencing file:///etc/... (or s3://) is refused by default; one under
     --allow-reference-root is followed, as are http(s) references."""
-    from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
 
-    def entry(path: str, ref: str | None) -> ArtifactManifestEntry:
-        return ArtifactManifestEntry(path=path, digest="abc", ref=ref, size=1)
+    def entry(path: str, ref: str | None) -> StoredFile:
+        return StoredFile(path, 1, None if ref else "abc", ref)
 
     allowed = tmp_path / "allowed"
     (allowed / "sub").mkdir(parents=True)
-    held = {"model.pt": entry("model.pt", None)}
+    held = [entry("model.pt", None)]
     refuse_references(held, "x:v0", ())
     with pytest.raises(RestoreError, match="file:///etc/passwd"):
-        refuse_references({"p": entry("p", "file:///etc/passwd")}, "x:v0", ())
+        refuse_references([entry("p", "file:///etc/passwd")], "x:v0", ())
     with pytest.raises(RestoreError, match="only http"):
-        refuse_references({"p": entry("p", "s3://bucket/key")}, "x:v0", (allowed,))
-    inside = {"p": entry("p", f"file://{allowed}/sub/w.pt"), "h": entry("h", "https://a/b")}
+        refuse_references([entry("p", "s3://bucket/key")], "x:v0", (allowed,))
+    inside = [entry("p", f"file://{allowed}/sub/w.pt"), entry("h", "https://a/b")]
     refuse_references(inside, "x:v0", (allowed,))
-    escape = {"p": entry("p", f"file://{allowed}/../outside.pt")}
+    escape = [entry("p", f"file://{allowed}/../outside.pt")]
     with pytest.raises(RestoreError, match="outside the directories"):
         refuse_references(escape, "x:v0", (allowed,))
 
@@ -604,15 +605,14 @@ def hashed_row(journal: Journal, tmp_path: Path, step: int, metrics: dict[str, o
     snap.mkdir(parents=True)
     (snap / f"c_{step}.pt").write_bytes(b"x" * step)
     files = (FileState.of(f"c_{step}.pt", snap / f"c_{step}.pt"),)
-    row_id = journal.add(
+    new = NewRow(
         collection="hostile", watch_path=tmp_path / "ck", relpath=f"c_{step}.pt",
         fingerprint=f"f{step}", format="file", step=step, files=files,
-        info=CheckpointInfo(step=step, metrics=metrics), snapshot=snap, now=1.0,
+        info=CheckpointInfo(step=step, metrics=metrics), snapshot=snap,
     )  # fmt: skip
+    row_id = journal.add(new, 1.0)
     assert row_id is not None
-    return journal.transition(
-        row_id, "hashed", 2.0, md5s={f"c_{step}.pt": "eA=="}, digest=f"d{step}"
-    )
+    return journal.mark_hashed(row_id, 2.0, md5s={f"c_{step}.pt": "eA=="}, digest=f"d{step}")
 
 
 def test_a_value_wandb_cannot_take_fails_that_checkpoint_at_once_not_the_queue(
@@ -772,7 +772,7 @@ def test_fuzz_names_and_sidecars_through_detector_journal_and_planner(tmp_path: 
 
         def plan(found: ReadyCheckpoint, now: float) -> None:
             assert not journal.known(watch.artifact, root, found.relpath, found.fingerprint)
-            row_id = journal.add(
+            new = NewRow(
                 collection=watch.artifact,
                 watch_path=root,
                 relpath=found.relpath,
@@ -781,14 +781,14 @@ def test_fuzz_names_and_sidecars_through_detector_journal_and_planner(tmp_path: 
                 step=found.info.step,
                 files=found.files,
                 info=found.info,
-                snapshot=root,
-                now=now,
-            )  # fmt: skip  (a hashed row always has a snapshot; nothing here reads it)
+                snapshot=root,  # a hashed row always has a snapshot; nothing here reads it
+            )
+            row_id = journal.add(new, now)
             assert row_id is not None
             md5s = {f.name: "eA==" for f in found.files}
-            row = journal.transition(row_id, "hashed", now, md5s=md5s, digest=str(row_id))
+            row = journal.mark_hashed(row_id, now, md5s=md5s, digest=str(row_id))
             _, request = publisher._prepare(row, watch)
-            assert invalid(request) is None, request.metadata
-            journal.transition(row_id, "superseded", now)  # out of the next plan's way
+            assert unpublishable(request) is None, request.facts
+            journal.supersede(row_id, now, "out of the next plan's way")
 
         one()

@@ -9,18 +9,19 @@ import pytest
 
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.errors import JournalError, StateDirLocked
-from ckptd.journal import Journal
-from ckptd.rows import SCHEMA, SCHEMA_VERSION
+from ckptd.journal import Journal, NewRow
+from ckptd.journal.rows import SCHEMA, SCHEMA_VERSION
 
 FILES = (FileState("ckpt.pt", 10, 1, 2, 3),)
 
 
 def add(journal: Journal, relpath: str, step: int | None, *, fingerprint: str = "f") -> int | None:
-    return journal.add(
+    new = NewRow(
         collection="model", watch_path=Path("/w"), relpath=relpath, fingerprint=fingerprint,
         format="file", step=step, files=FILES, info=CheckpointInfo(step=step),
-        snapshot=Path("/s") / relpath, now=100.0,
+        snapshot=Path("/s") / relpath,
     )  # fmt: skip
+    return journal.add(new, 100.0)
 
 
 @pytest.fixture
@@ -34,9 +35,9 @@ def test_happy_path_and_persistence(journal: Journal, tmp_path: Path) -> None:
     """ready -> hashed -> published -> aliased is recorded durably with its fields."""
     row_id = add(journal, "ckpt_1.pt", 1)
     assert row_id is not None
-    journal.transition(row_id, "hashed", 101.0, md5s={"ckpt.pt": "abc"}, digest="d1")
-    journal.transition(row_id, "published", 102.0, version="v0", aliases=("latest", "step-1"))
-    journal.transition(row_id, "aliased", 103.0)
+    journal.mark_hashed(row_id, 101.0, md5s={"ckpt.pt": "abc"}, digest="d1")
+    journal.mark_published(row_id, 102.0, version="v0", aliases=("latest", "step-1"), best={})
+    journal.mark_aliased(row_id, 103.0)
     journal.close()
     reopened = Journal(tmp_path / "state").open()
     row = reopened.get(row_id)
@@ -52,10 +53,12 @@ def test_forbidden_transitions_are_refused(journal: Journal) -> None:
     row_id = add(journal, "ckpt_1.pt", 1)
     assert row_id is not None
     with pytest.raises(JournalError, match="cannot go from ready to published"):
-        journal.transition(row_id, "published", 1.0)
-    journal.transition(row_id, "superseded", 2.0)
+        journal.mark_published(row_id, 1.0, version="v0", aliases=(), best={})
+    journal.supersede(row_id, 2.0, "replaced")
     with pytest.raises(JournalError, match="cannot go from superseded to hashed"):
-        journal.transition(row_id, "hashed", 3.0)
+        journal.mark_hashed(row_id, 3.0, md5s={}, digest="d")
+    with pytest.raises(JournalError, match="cannot go from superseded to aliased"):
+        journal.mark_aliased(row_id, 4.0)
 
 
 def test_same_checkpoint_is_recorded_once(journal: Journal) -> None:
@@ -89,15 +92,30 @@ def test_second_daemon_cannot_open_the_state_dir(journal: Journal, tmp_path: Pat
     reader.close()
 
 
-def test_stale_leases_are_taken_back_at_start(journal: Journal, tmp_path: Path) -> None:
-    """Leases left by a dead process are cleared when the next daemon opens the journal."""
+def test_a_reader_opened_for_with_stays_a_reader(journal: Journal, tmp_path: Path) -> None:
+    """`with Journal(d).open(exclusive=False)` does not take the state_dir lock in
+    `__enter__` (the daemon holds it), and `with Journal(d)` still does."""
+    with Journal(tmp_path / "state").open(exclusive=False) as reader:
+        assert reader.rows() == []
+    journal.close()
+    with Journal(tmp_path / "state") as writer:
+        with pytest.raises(StateDirLocked):
+            Journal(tmp_path / "state").open()
+        assert writer.is_open
+
+
+def test_retry_later_keeps_the_state_and_records_why(journal: Journal) -> None:
+    """A retry is bookkeeping on the row, not a state change."""
     row_id = add(journal, "ckpt_1.pt", 1)
     assert row_id is not None
-    journal.update(row_id, 1.0, lease_owner="dead:123", lease_expires=99.0)
-    journal.close()
-    reopened = Journal(tmp_path / "state").open()
-    assert reopened._query("SELECT lease_owner FROM checkpoints", ())[0][0] is None
-    reopened.close()
+    journal.retry_later(row_id, 5.0, at=35.0, error="cannot read", attempts=2)
+    row = journal.get(row_id)
+    assert (row.state, row.next_attempt_at, row.last_error, row.attempts) == (
+        "ready", 35.0, "cannot read", 2,
+    )  # fmt: skip
+    journal.mark_hashed(row_id, 40.0, md5s={"ckpt.pt": "abc"}, digest="d1")
+    row = journal.get(row_id)
+    assert (row.attempts, row.next_attempt_at, row.last_error) == (0, 0, None)
 
 
 def test_best_and_parked_tables(journal: Journal) -> None:
@@ -105,7 +123,7 @@ def test_best_and_parked_tables(journal: Journal) -> None:
     for step in (1, 2):
         row_id = add(journal, f"ckpt_{step}.pt", step)
         assert row_id is not None
-        journal.transition(row_id, "hashed", 1.0, md5s={}, digest=f"d{step}")
+        journal.mark_hashed(row_id, 1.0, md5s={}, digest=f"d{step}")
         journal.mark_published(row_id, 2.0, version=f"v{step}", aliases=("best",),
                                best={"best": {1: 0.5, 2: 0.4}[step]})  # fmt: skip
     assert journal.best("model") == {"best": (2, 0.4)}
@@ -146,9 +164,9 @@ def test_version_1_journal_upgrades_and_offline_publishes_start_unconfirmed(
         assert old.durable and journal.unconfirmed() == []
         row_id = add(journal, "ckpt_1.pt", 1)
         assert row_id is not None
-        journal.transition(row_id, "hashed", 101.0, md5s={"ckpt.pt": "abc"}, digest="d1")
+        journal.mark_hashed(row_id, 101.0, md5s={"ckpt.pt": "abc"}, digest="d1")
         journal.mark_published(row_id, 102.0, version=None, aliases=(), best={}, durable=False)
-        journal.transition(row_id, "aliased", 103.0)
+        journal.mark_aliased(row_id, 103.0)
         assert [r.id for r in journal.unconfirmed()] == [row_id]
         journal.confirm(row_id, 104.0)
         assert journal.unconfirmed() == [] and journal.get(row_id).durable
@@ -167,7 +185,7 @@ def test_a_journal_written_by_a_newer_ckptd_is_refused_and_left_alone(tmp_path: 
     import sqlite3
 
     from ckptd.errors import NewerJournal
-    from ckptd.rows import SCHEMA_VERSION
+    from ckptd.journal.rows import SCHEMA_VERSION
 
     with Journal(tmp_path / "state"):
         pass

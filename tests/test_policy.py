@@ -28,7 +28,6 @@ def test_first_checkpoint_takes_every_alias() -> None:
     )
     assert plan.aliases == ("latest", "step-10", "best", "best-val_accuracy")
     assert dict(plan.best) == {"best": 0.5, "best-val_accuracy": 0.7}
-    assert not plan.repoint_latest
 
 
 def test_ties_keep_the_earlier_version() -> None:
@@ -59,10 +58,10 @@ def test_bad_metrics_never_win_and_are_reported() -> None:
 
 
 def test_older_step_published_late_does_not_take_latest() -> None:
-    """A late, lower step gets its step alias but asks for latest to be moved back."""
+    """A late, lower step gets its step alias and not latest."""
     plan = plan_aliases(RULES, Candidate(5, None, {}), 10, {})
     assert "latest" not in plan.aliases
-    assert plan.repoint_latest
+    assert "step-5" in plan.aliases
 
 
 def test_templates_over_epoch_and_metrics() -> None:
@@ -109,7 +108,7 @@ class Collection:
         for alias in (*plan.aliases, "latest"):  # W&B adds latest to the newest version
             self.aliases[alias] = index
         self.best.update(plan.best)
-        if plan.repoint_latest:
+        if candidate.step < max(v.step for v in self.versions):  # the publisher's finish()
             self.aliases["latest"] = max(
                 range(len(self.versions)), key=lambda i: self.versions[i].step
             )

@@ -18,14 +18,15 @@ import pytest
 from ckptd.checkpoint import CheckpointInfo, FileState
 from ckptd.config import Config, load_config
 from ckptd.errors import ConfigError, PromotionRefused, PublishError
-from ckptd.journal import Journal
+from ckptd.journal import Journal, NewRow
+from ckptd.journal.rows import SCHEMA
 from ckptd.promote import PARKED_PREFIX, Promoter, fired
-from ckptd.retention_exec import Retention
-from ckptd.rows import SCHEMA
-from ckptd.sinks import RemoteVersion
+from ckptd.retention.run import Retention
+from ckptd.sinks import Capabilities, RemoteVersion
 from ckptd.sinks.fetch import FetchedVersion
 from ckptd.sinks.hub import base_model, model_card, model_files
 from ckptd.sinks.promotion import Promotion
+from tests.test_service_step import INLINE
 
 TARGET = "registry:wandb-registry-model/demo"
 HUB = "huggingface:org/demo"
@@ -103,17 +104,18 @@ FILES = (FileState("ckpt.pt", 10, 1, 2, 3),)
 
 
 def published(journal: Journal, step: int, aliases: tuple[str, ...], promotions: list) -> int:
-    row_id = journal.add(
+    new = NewRow(
         collection="model-checkpoint", watch_path=Path("/w"), relpath=f"ckpt_{step}.pt",
         fingerprint="f", format="file", step=step, files=FILES, info=CheckpointInfo(step=step),
-        snapshot=None, now=1.0,
+        snapshot=None,
     )  # fmt: skip
+    row_id = journal.add(new, 1.0)
     assert row_id is not None
-    journal.transition(row_id, "hashed", 2.0, md5s={"ckpt.pt": "x"}, digest=f"d{step}")
+    journal.mark_hashed(row_id, 2.0, md5s={"ckpt.pt": "x"}, digest=f"d{step}")
     journal.mark_published(
         row_id, 3.0, version=f"v{step}", aliases=aliases, best={}, promotions=promotions
     )
-    journal.transition(row_id, "aliased", 4.0)
+    journal.mark_aliased(row_id, 4.0)
     return row_id
 
 
@@ -174,10 +176,8 @@ def setup(tmp_path: Path) -> Iterator[tuple[Config, Journal, Recording]]:
 
 
 def drive(promoter: Promoter, now: float) -> None:
-    """One promotion step, then wait for what it started."""
+    """One promotion step; with the inline executor, what it starts is done on return."""
     promoter.run_once(now)
-    for future in list(promoter._running.values()):
-        future.result(10)
 
 
 def test_transient_failures_back_off_and_permanent_ones_park_the_target(
@@ -187,7 +187,7 @@ def test_transient_failures_back_off_and_permanent_ones_park_the_target(
     its queue kept; unparked, the promotion lands once and is done."""
     config, journal, target = setup
     promoter = Promoter(config, journal, lambda spec: target, threading.Event(), lambda: 100.0)
-    promoter.start()
+    promoter.start(INLINE.make)
     try:
         published(journal, 1, ("best",), [(TARGET, ())])
         target.failures = [
@@ -199,9 +199,9 @@ def test_transient_failures_back_off_and_permanent_ones_park_the_target(
         assert pending.last_error == "timeout"
         drive(promoter, 100.5)  # not due yet: nothing runs
         assert len(target.failures) == 1
-        drive(promoter, pending.next_attempt_at)
+        drive(promoter, pending.next_attempt_at)  # fails for good: parked at the next step
+        drive(promoter, 10_000.0)  # parks the target: nothing runs
         assert f"{PARKED_PREFIX}{TARGET}" in journal.parked()
-        drive(promoter, 10_000.0)  # parked: nothing runs
         assert target.promoted == [] and len(journal.promotions(("pending",))) == 1
         journal.unpark()
         drive(promoter, 10_000.0)
@@ -227,7 +227,7 @@ def test_a_version_the_target_refuses_fails_alone(
     reported as unfinished; the target is not parked and the next version is promoted."""
     config, journal, target = setup
     promoter = Promoter(config, journal, lambda spec: target, threading.Event(), lambda: 50.0)
-    promoter.start()
+    promoter.start(INLINE.make)
     try:
         published(journal, 1, ("best",), [(TARGET, ())])
         published(journal, 2, ("best",), [(TARGET, ())])
@@ -290,7 +290,7 @@ def test_the_card_names_step_metrics_version_and_base_model(tmp_path: Path) -> N
     base = base_model(tmp_path)
     assert base == "openai-community/gpt2"
     fetched = FetchedVersion(
-        collection="model-checkpoint", type="model", version="v3",
+        collection="model-checkpoint", version="v3",
         qualified="team/proj/model-checkpoint:v3", step=500, metrics={"val_loss": 0.25},
         url="https://wandb.example/team/proj/artifacts/model/model-checkpoint/v3",
     )  # fmt: skip
@@ -305,6 +305,8 @@ def test_the_card_names_step_metrics_version_and_base_model(tmp_path: Path) -> N
 
 class Listing:
     """A sink that lists fixed versions and records deletions (retention's side only)."""
+
+    capabilities = Capabilities()
 
     def __init__(self, versions: list[RemoteVersion]) -> None:
         self.listed = versions

@@ -28,10 +28,11 @@ DRIVER = """
 import json, sys
 from ckptd.config import load_config
 from ckptd.errors import PromotionRefused, PublishError
-from ckptd.sinks.promotion import Promotion, open_target
+from ckptd.sinks import factory
+from ckptd.sinks.promotion import Promotion
 
 config = load_config(sys.argv[1])
-target = open_target(config, sys.argv[2], None)
+target = factory.promotion_target(config, sys.argv[2], factory.api_key(config))
 answer = {}
 try:
     answer["result"] = target.promote(Promotion(

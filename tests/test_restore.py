@@ -13,7 +13,8 @@ import pytest
 
 from ckptd import sidecar
 from ckptd.config import load_config
-from ckptd.restore import Target, has_checkpoint, version_ref
+from ckptd.restore import has_checkpoint, version_ref
+from ckptd.sinks.factory import restore_config
 from tests.conftest import CKPTD
 from tests.support.fake_wandb import FakeWandbServer
 
@@ -280,27 +281,26 @@ def test_target_precedence(tmp_path: Path) -> None:
     )
     config = load_config(path)
     env = {"WANDB_PROJECT": "from-env", "WANDB_ENTITY": "env-team", "WANDB_BASE_URL": "http://e"}
-    explicit = Target.resolve(
-        config, explicit_config=True, project=None, entity=None, api_key="k", environ=env
-    )
+    explicit = restore_config(
+        config, explicit_config=True, project=None, entity=None, environ=env
+    ).wandb
     assert (explicit.project, explicit.entity, explicit.base_url) == (
         "from-config",
         "team",
         "http://cfg",
     )
-    flags = Target.resolve(
-        config, explicit_config=True, project="p", entity="e", api_key="k", environ=env
-    )
-    assert (flags.project, flags.entity) == ("p", "e")
+    flags = restore_config(config, explicit_config=True, project="p", entity="e", environ=env)
+    assert (flags.wandb.project, flags.wandb.entity) == ("p", "e")
     default = load_config(None)
-    implicit = Target.resolve(
-        default, explicit_config=False, project=None, entity=None, api_key="k", environ=env
-    )
+    implicit = restore_config(
+        default, explicit_config=False, project=None, entity=None, environ=env
+    ).wandb
     assert (implicit.project, implicit.entity, implicit.base_url) == (
         "from-env",
         "env-team",
         "http://e",
     )
+    assert implicit.mode == "online"  # restore reads from W&B whatever the daemon's mode
 
 
 def test_has_checkpoint_ignores_hidden_names(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ import pytest
 
 from ckptd.checkpoint import CheckpointInfo, stat_files
 from ckptd.config import Config, load_config
-from ckptd.journal import Journal
-from ckptd.retention_exec import Retention
+from ckptd.journal import Journal, NewRow
+from ckptd.retention.run import Retention
 from ckptd.sinks.wandb import WandbSink
 from tests.conftest import CKPTD, Daemon, wait_until
 from tests.support.checkpoints import renamed_in
@@ -392,16 +392,21 @@ def journal_checkpoint(
 ) -> int:
     """Record `unit` (a file or a directory under the watched root) as ckptd would, in `state`."""
     watch = config.watch[0]
-    row_id = journal.add(
+    new = NewRow(
         collection=watch.artifact, watch_path=watch.path, relpath=unit.name,
         fingerprint=str(stat_files(unit)), format="file", step=step, files=stat_files(unit),
-        info=CheckpointInfo(step=step), snapshot=None, now=1.0,
+        info=CheckpointInfo(step=step), snapshot=None,
     )  # fmt: skip
+    row_id = journal.add(new, 1.0)
     assert row_id is not None
     path = ["ready", "hashed", "published", "aliased"]
-    for to in path[1 : path.index(state) + 1]:
-        fields = {"aliases": (f"step-{step}",)} if to == "published" else {}
-        journal.transition(row_id, to, 2.0, **fields)
+    reached = path.index(state)
+    if reached >= 1:
+        journal.mark_hashed(row_id, 2.0, md5s={}, digest=f"d{row_id}")
+    if reached >= 2:
+        journal.mark_published(row_id, 2.0, version=None, aliases=(f"step-{step}",), best={})
+    if reached >= 3:
+        journal.mark_aliased(row_id, 2.0)
     return row_id
 
 

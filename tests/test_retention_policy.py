@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptd.config import AliasConfig, BestRule, LocalRetention, RemoteRetention, Size
-from ckptd.retention import (
+from ckptd.retention.plan import (
     LocalCheckpoint,
     RetentionPlan,
     RetentionPolicy,

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd import sidecar
 from ckptd.checkpoint import CheckpointInfo, FileState, stat_files
 from ckptd.config import WatchConfig
 from ckptd.formats.checks import check_file
@@ -41,7 +42,6 @@ _TEMP_GLOBS = (
     "checkpoint_tmp", "*-unfinished", "todelete_subdir", "tmp*",
 )  # fmt: skip
 _TEMP_NAME = re.compile("|".join(fnmatch.translate(glob) for glob in _TEMP_GLOBS))
-_SIDECAR_SUFFIX = ".metrics.json"
 _LIGHTNING_FIELD = re.compile(r"(?:^|[-_])([A-Za-z_][\w./]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 _STEP_WORD = re.compile(r"(?:step|iter|global_step|checkpoint|ckpt)[-_=]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
@@ -154,7 +154,7 @@ class FileFormat(CheckpointFormat):
     name = "file"
 
     def matches(self, name: str) -> bool:
-        if is_temp_name(name) or name.endswith(_SIDECAR_SUFFIX):
+        if is_temp_name(name) or name.endswith(sidecar.SUFFIX):
             return False
         return any(fnmatch.fnmatch(name, pattern) for pattern in self.watch.patterns)
 

@@ -29,25 +29,15 @@ from ckptd.formats.tensorflow import TensorFlowFormat
 
 __all__ = ["FORMATS", "AutoFormat", "build"]
 
-FORMATS: dict[str, type[CheckpointFormat]] = {
-    "file": FileFormat,
-    "hf-trainer": HfTrainerFormat,
-    "hf-pretrained": HfPretrainedFormat,
-    "lightning": LightningFormat,
-    "deepspeed": DeepSpeedFormat,
-    "torch-dcp": DcpFormat,
-    "orbax": OrbaxFormat,
-    "megatron": MegatronFormat,
-    "nemo": NemoFormat,
-    "keras": KerasFormat,
-    "tensorflow": TensorFlowFormat,
-}
-"""Every format by its `format:` name in the config (`auto` is AutoFormat)."""
-
-_ORDER = (
-    "nemo", "hf-trainer", "deepspeed", "megatron", "lightning", "torch-dcp", "orbax",
-    "hf-pretrained", "tensorflow", "keras", "file",
+# The order `auto` asks them in: the most specific layout first, a plain file last.
+_ORDER: tuple[type[CheckpointFormat], ...] = (
+    NemoFormat, HfTrainerFormat, DeepSpeedFormat, MegatronFormat, LightningFormat, DcpFormat,
+    OrbaxFormat, HfPretrainedFormat, TensorFlowFormat, KerasFormat, FileFormat,
 )  # fmt: skip
+
+FORMATS: dict[str, type[CheckpointFormat]] = {cls.name: cls for cls in _ORDER}
+"""Every format by its `format:` name in the config (`auto` is AutoFormat); the config's
+`Format` names the same set (tests/test_formats.py holds them to it)."""
 
 
 class AutoFormat(CheckpointFormat):
@@ -57,7 +47,7 @@ class AutoFormat(CheckpointFormat):
 
     def __init__(self, watch: WatchConfig) -> None:
         super().__init__(watch)
-        self.formats = tuple(FORMATS[name](watch) for name in _ORDER)
+        self.formats = tuple(cls(watch) for cls in _ORDER)
 
     def unit_for(self, root: Path, path: Path) -> Path | None:
         for fmt in self.formats:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from ckptd import sidecar
 from ckptd.checkpoint import FileState
 from ckptd.config import WatchConfig
 from ckptd.formats import CheckpointFormat, Verdict, is_temp_name
@@ -24,7 +25,6 @@ from ckptd.formats.checks import check_file
 from ckptd.inputs import OutsideRoot, open_regular
 
 __all__ = [
-    "SIDECAR_NAME",
     "DirectoryFormat",
     "Listing",
     "Memo",
@@ -38,7 +38,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-SIDECAR_NAME = "metrics.json"  # the sidecar inside a directory unit: read, never published
 # Files inside a unit that mean a write is still in flight (safetensors' `.tmpXXXXXX`, DCP's
 # `.metadata.tmp`, Orbax item temp dirs); `.nfs*` are deleted-but-open files and not content.
 _IN_FLIGHT = ("*.tmp", "*.tmp.*", ".tmp*", "*.partial", "*.part", "*.orbax-checkpoint-tmp*")
@@ -221,7 +220,7 @@ class DirectoryFormat(CheckpointFormat):
     def check(self, unit: Path) -> Verdict:
         signals = _stat_existing(self.trackers(unit), self.watch.path)
         listing = list_unit(unit, self.watch.path)
-        files = tuple(f for f in listing.files if f.name != SIDECAR_NAME)
+        files = tuple(f for f in listing.files if f.name != sidecar.INSIDE)
         try:
             problem, committed = self._problem(unit, files, listing.problem)
         except FileNotFoundError:

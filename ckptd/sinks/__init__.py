@@ -1,10 +1,16 @@
-"""Sinks: where published checkpoints go. The contract every implementation keeps.
+"""Sinks: where published checkpoints go, and the contract every implementation keeps.
 
-A sink is called by the publisher and by retention. Publishing calls for one collection
-never overlap (the publisher serialises them to keep versions in step order); calls for
-different collections may run in parallel on different threads. Retention's calls
-(`versions`, `links`, `delete_version`) for one collection never overlap each other, but may
-run while a version of the same collection is being published, and must not disturb it.
+A sink is the only code that knows its destination (W&B, or the in-memory sink the tests
+drive the coordinator with): its API, its modes, its metadata format, its reachability.
+What a destination cannot do it says once, in `capabilities`; no caller asks for a mode.
+`ckptd.sinks.factory` chooses the sink from the config.
+
+Concurrency: publishing calls for one collection arrive in step order from one thread at a
+time, but a sink that can pipeline (`capabilities.pipelines`) is handed version N+1 through
+`submit` while N is still committing and must keep their order. Calls for different
+collections may run in parallel. Retention's calls (`versions`, `links`, `delete_version`)
+for one collection never overlap each other, but may run while a version of the same
+collection is being published, and must not disturb it.
 
 Errors: every method raises `PublishError` with `transient=True` when retrying can help
 (network, timeouts, 5xx, 429 with `retry_after`) and `transient=False` when it cannot (bad
@@ -18,18 +24,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["PublishRequest", "PublishedVersion", "RemoteVersion", "Sink", "SinkFile"]
+__all__ = [
+    "Capabilities",
+    "Pending",
+    "PublishRequest",
+    "PublishedVersion",
+    "RemoteVersion",
+    "Sink",
+    "SinkFile",
+    "StoredFile",
+    "StoredVersion",
+    "VersionFacts",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a sink can do. `limits` says, for a person, why it cannot do what it cannot
+    (for example "W&B offline mode: versions get their numbers at `wandb sync`")."""
+
+    moves_aliases: bool = True  # put an alias on an older version (`latest` back to the top)
+    lists_versions: bool = True  # list, look up and delete versions: remote retention
+    records_lineage: bool = True  # record a version as an output of the training run
+    confirms_later: bool = False  # `publish` may return committed=False: ask `recorded` later
+    pipelines: bool = False  # `submit` returns before the version is committed
+    reads: bool = True  # `resolve` and `download`: `ckptd restore`
+    limits: str = ""
 
 
 @dataclass(frozen=True)
 class SinkFile:
-    """One file of a checkpoint: its name inside the artifact, where its bytes are now (the
+    """One file of a checkpoint: its name inside the version, where its bytes are now (the
     snapshot), and the base64 md5 that ckptd already computed."""
 
     name: str
     path: Path
     md5_b64: str
     size: int
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What ckptd records about a checkpoint in its version's metadata. Only
+    `ckptd.sinks.metadata` turns it into a destination's format and back."""
+
+    step: int
+    epoch: float | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    format: str = "file"
+    source_path: str = ""
+    host: str = ""
+    files: Mapping[str, int] = field(default_factory=dict)  # name -> size
+    sidecar: str | None = None  # the file the step and metrics came from
+    detected_at: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the sidecar's own metadata
 
 
 @dataclass(frozen=True)
@@ -40,23 +88,34 @@ class PublishRequest:
     type: str
     files: tuple[SinkFile, ...]
     aliases: tuple[str, ...]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    facts: VersionFacts
     description: str | None = None
-    run_path: str | None = None
+    run_path: str | None = None  # the training run, for lineage
     ttl: float | None = None
     key: str | None = None  # names this checkpoint across attempts; kept in its metadata
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 @dataclass(frozen=True)
 class PublishedVersion:
     """Where a checkpoint landed. `version` ("v3") is None where the sink cannot know it yet
     (W&B offline mode assigns numbers at `wandb sync`). `committed` is False where the sink
-    logged the version but cannot vouch yet that it survives a crash (W&B offline mode, until
-    the record is read back from disk): ask `recorded` later."""
+    logged the version but cannot vouch yet that it survives a crash (only a sink with
+    `capabilities.confirms_later`): ask `recorded` later."""
 
     version: str | None
-    artifact_id: str | None = None
     committed: bool = True
+
+
+class Pending(Protocol):
+    """A publish handed to the sink and not yet committed (see `Sink.submit`)."""
+
+    def result(self) -> PublishedVersion:
+        """Wait for the version to be committed and return it; raises PublishError."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -79,8 +138,40 @@ class RemoteVersion:
     promoting: bool = False  # a promotion of it is queued (ckptd.promote); set by retention
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a stored version: its size and base64 md5 (None where the destination
+    keeps none), or `ref`, the URI it references instead of holding its bytes."""
+
+    name: str
+    size: int | None
+    md5_b64: str | None
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """A version found by `resolve`: `label` names it for a person (`entity/project/a:v3`)."""
+
+    collection: str
+    version: str
+    label: str
+    files: tuple[StoredFile, ...]
+    handle: Any = None  # the sink's own object, for `download`
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # sinks.metadata decodes it
+    url: str | None = None  # where a person sees it, if the destination has such a page
+
+
 class Sink(Protocol):
     """A destination for checkpoint versions."""
+
+    capabilities: Capabilities
+
+    def submit(self, request: PublishRequest) -> Pending:
+        """Start publishing `request` and return without waiting for the commit where the
+        sink can (`capabilities.pipelines`); versions of a collection are committed in the
+        order they were submitted. Idempotent like `publish`."""
+        ...
 
     def publish(self, request: PublishRequest) -> PublishedVersion:
         """Create a version from `request.files` with `request.aliases` and return it once it
@@ -101,13 +192,13 @@ class Sink(Protocol):
 
     def move_alias(self, collection: str, type: str, alias: str, version: str) -> None:
         """Put `alias` on `version` of `collection` (taking it from any other version).
-        Raises PublishError(transient=False) where the sink cannot move aliases."""
+        Raises PublishError(transient=False) without `capabilities.moves_aliases`."""
         ...
 
     def versions(self, collection: str, type: str) -> list[RemoteVersion]:
         """Every committed version of `collection` (oldest first) with its current aliases;
         [] if the collection does not exist yet. Versions still uploading are not listed.
-        Raises PublishError(transient=False) where the sink cannot list (W&B offline mode)."""
+        Raises PublishError(transient=False) without `capabilities.lists_versions`."""
         ...
 
     def links(self, collection: str, type: str, version: str) -> tuple[str, ...]:
@@ -119,6 +210,15 @@ class Sink(Protocol):
         """Delete `version` of `collection` together with the aliases it holds. A version
         that is already gone is not an error. Raises `VersionLinked` (never deleting) if the
         version is linked into another collection, checked at the moment of deletion."""
+        ...
+
+    def resolve(self, collection: str, ref: str) -> StoredVersion | None:
+        """The version named `ref` (an alias, or "vN") with its files; None if the
+        destination says no such version exists. Raises PublishError otherwise."""
+        ...
+
+    def download(self, version: StoredVersion, dest: Path) -> None:
+        """Write every file of `version` under `dest` (its name as a relative path)."""
         ...
 
     def close(self) -> None:

@@ -30,9 +30,9 @@ from typing import Any
 
 from ckptd.config import Config
 from ckptd.errors import PromotionRefused, PublishError
+from ckptd.sinks import Sink
 from ckptd.sinks.fetch import FetchedVersion, fetch_version
 from ckptd.sinks.promotion import Promotion
-from ckptd.sinks.wandb import WandbSink
 
 __all__ = ["HubTarget", "model_card", "model_files", "read_token"]
 
@@ -122,11 +122,11 @@ def read_token(config: Config, environ: Mapping[str, str] | None = None) -> str 
 class HubTarget:
     """Releases versions into one Hub model repository. Cheap to construct."""
 
-    def __init__(self, config: Config, repo: str, api_key: str | None) -> None:
+    def __init__(self, config: Config, repo: str, source: Sink) -> None:
         self.name = f"huggingface:{repo}"
         self.repo = repo
         self.config = config
-        self._wandb = WandbSink(config, api_key)
+        self._source = source  # where the versions are published: their bytes come from it
         self._token: str | None = None
 
     def promote(self, promotion: Promotion) -> str:
@@ -153,9 +153,7 @@ class HubTarget:
 
         root = _scratch(self.config.state_dir / "promote")
         try:
-            fetched = fetch_version(
-                self._wandb, promotion.collection, promotion.type, promotion.version, root
-            )
+            fetched = fetch_version(self._source, promotion.collection, promotion.version, root)
             files = model_files(root, fetched.files)
             card = model_card(self.repo, fetched, promotion.step, base_model(root))
             operations = [CommitOperationAdd(name, str(root / name)) for name in files]
@@ -210,7 +208,7 @@ class HubTarget:
         return PublishError(f"{doing}: {type(exc).__name__}: {text}", transient=transient)
 
     def close(self) -> None:
-        self._wandb.close()
+        self._source.close()
 
 
 def _scratch(parent: Path) -> Path:

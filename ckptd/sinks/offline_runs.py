@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd import snapshot
+from ckptd import staging
 from ckptd.sinks import PublishRequest, SinkFile
+from ckptd.sinks.metadata import key_of
 
 __all__ = [
     "OfflineLedger",
@@ -153,7 +154,7 @@ def keep_for_sync(run_dir: str, files: tuple[SinkFile, ...]) -> tuple[SinkFile, 
     for file in files:
         target = dest / file.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not snapshot.try_link(file.path, target):
+        if not staging.try_link(file.path, target):
             shutil.copy2(file.path, target)
         kept.append(SinkFile(file.name, target, file.md5_b64, file.size))
     return tuple(kept)
@@ -166,7 +167,7 @@ def recorded_keys(wandb_dir: Path, collection: str | None = None) -> set[str]:
         key
         for art in recorded_artifacts(wandb_dir)
         if (collection is None or art.name == collection)
-        and isinstance(key := art.metadata.get("ckptd", {}).get("key"), str)
+        and (key := key_of(art.metadata)) is not None
     }
 
 

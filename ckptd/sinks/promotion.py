@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckptd.config import Config, parse_target
+from ckptd.sinks import Sink
 
 __all__ = ["Promotion", "PromotionTarget", "open_target"]
 
@@ -50,14 +51,16 @@ class PromotionTarget(Protocol):
         ...
 
 
-def open_target(config: Config, spec: str, api_key: str | None) -> PromotionTarget:
-    """The target named `spec` (`registry:wandb-registry-model/demo`, `huggingface:org/demo`).
-    Cheap: nothing is contacted before the first `promote`."""
+def open_target(config: Config, spec: str, api_key: str | None, source: Sink) -> PromotionTarget:
+    """The target named `spec` (`registry:wandb-registry-model/demo`, `huggingface:org/demo`);
+    `source` is the sink the versions were published to (a Hub release downloads from it;
+    the target closes it). Cheap: nothing is contacted before the first `promote`."""
     kind, where = parse_target(spec)
     if kind == "registry":
         from ckptd.sinks.registry import RegistryTarget
 
+        source.close()  # a link is made by the W&B client itself, on the version's server
         return RegistryTarget(config, where, api_key)
     from ckptd.sinks.hub import HubTarget
 
-    return HubTarget(config, where, api_key)
+    return HubTarget(config, where, source)

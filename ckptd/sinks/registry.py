@@ -36,9 +36,10 @@ class RegistryTarget:
     def promote(self, promotion: Promotion) -> str:
         label = f"{promotion.collection}:{promotion.version}"
         try:
-            artifact = self._wandb.artifact(promotion.collection, promotion.type, promotion.version)
-            if artifact is None:
+            found = self._wandb.resolve(promotion.collection, promotion.version)
+            if found is None:
                 raise PromotionRefused(f"{label} does not exist on W&B (deleted?)")
+            artifact = found.handle
             present = self._linked_here(artifact)
             wanted = set(promotion.aliases)
             if present is not None and wanted <= set(present.aliases):

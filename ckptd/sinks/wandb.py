@@ -31,9 +31,19 @@ from typing import Any
 
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
-from ckptd.metrics import Reachability
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
-from ckptd.sinks import PublishedVersion, PublishRequest, RemoteVersion, SinkFile, offline_runs
+from ckptd.sinks import (
+    Capabilities,
+    PublishedVersion,
+    PublishRequest,
+    RemoteVersion,
+    SinkFile,
+    StoredFile,
+    StoredVersion,
+    metadata,
+    offline_runs,
+)
+from ckptd.sinks.reachability import Reachability
 
 __all__ = ["WandbSink", "read_api_key"]
 
@@ -49,6 +59,20 @@ _RETRY_AFTER = re.compile(r"retry[- ]after\D{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE
 _MISSING_COLLECTION = re.compile(r"could not find artifact type", re.IGNORECASE)
 _MISSING_VERSION = re.compile(r"not found|does not exist|could not find", re.IGNORECASE)
 _SDK_RETRIES = 1
+_PROBE_TIMEOUT = 10.0  # seconds for the server to answer at all before a restore
+_API_TIMEOUT = 60  # seconds for each public API call
+_ONLINE = Capabilities(pipelines=True)
+_OFFLINE = Capabilities(
+    moves_aliases=False,
+    lists_versions=False,
+    records_lineage=False,
+    confirms_later=True,
+    reads=False,
+    limits=(
+        "offline mode: remote versions cannot be listed, deleted or moved from here (W&B "
+        "gives them numbers at `wandb sync`)"
+    ),
+)
 _FINISH_TIMEOUT = 30.0  # seconds a run may take to finish before ckptd stops waiting
 _INIT_LOCK = threading.Lock()  # wandb.init is not safe to call from two threads at once
 # What the SDK raises once its wandb-core process is gone: every run of this process is dead.
@@ -77,12 +101,36 @@ def read_api_key(config: Config, environ: dict[str, str] | None = None) -> str |
     return env.get("WANDB_API_KEY") or None
 
 
+class _Pending:
+    """A version logged online and not yet committed: `result` waits for wandb-core."""
+
+    def __init__(self, sink: WandbSink, request: PublishRequest, logged: Any, generation: int):
+        self._sink = sink
+        self._request = request
+        self._logged = logged
+        self._generation = generation
+
+    def result(self) -> PublishedVersion:
+        return self._sink._committed(self._request, self._logged, self._generation)
+
+
+class _Done:
+    """A publish that had nothing left to wait for."""
+
+    def __init__(self, version: PublishedVersion) -> None:
+        self._version = version
+
+    def result(self) -> PublishedVersion:
+        return self._version
+
+
 class WandbSink:
     """Publishes to W&B with the wandb SDK. Cheap to construct: runs start on first use."""
 
     def __init__(self, config: Config, api_key: str | None = None) -> None:
         self.config = config
         self.online = config.wandb.mode == "online"
+        self.capabilities = _ONLINE if self.online else _OFFLINE
         self._api_key = api_key
         self._runs: dict[str, Any] = {}  # collection -> wandb Run; guarded by _lock
         self._lock = threading.Lock()
@@ -94,16 +142,38 @@ class WandbSink:
 
     # -- the Sink contract ---------------------------------------------------------------
 
-    def publish(self, request: PublishRequest) -> PublishedVersion:
+    def submit(self, request: PublishRequest) -> _Pending | _Done:
         generation = self._generation
         try:
-            return self._publish(request)
+            return self._submit(request, generation)
         except PublishError:
             raise
         except Exception as exc:
-            if type(exc).__name__ in _SERVICE_LOST:
-                self._replace_service(generation)
-            raise self._classify(exc, f"publishing {request.collection}") from exc
+            raise self._sdk_failure(exc, request, generation) from exc
+
+    def publish(self, request: PublishRequest) -> PublishedVersion:
+        return self.submit(request).result()
+
+    def _committed(self, request: PublishRequest, logged: Any, generation: int) -> PublishedVersion:
+        """Wait for a version logged online to be committed; record its lineage."""
+        try:
+            logged.wait(timeout=int(300 + request.size / 5e6))
+            if request.run_path is not None:
+                self._record_lineage(
+                    request.collection, request.type, logged.version, request.run_path
+                )
+            return PublishedVersion(version=logged.version)
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise self._sdk_failure(exc, request, generation) from exc
+
+    def _sdk_failure(
+        self, exc: Exception, request: PublishRequest, generation: int
+    ) -> PublishError:
+        if type(exc).__name__ in _SERVICE_LOST:
+            self._replace_service(generation)
+        return self._classify(exc, f"publishing {request.collection}")
 
     def problem(self, now: float) -> str | None:
         if not self.online:
@@ -189,21 +259,65 @@ class WandbSink:
         except Exception as exc:
             raise self._classify(exc, f"looking up {collection}:{version}") from exc
 
-    def artifact(self, collection: str, type: str, version: str) -> Any:
-        """The public API's artifact `collection:version` (an alias or `vN`), or None if it
-        does not exist: for the promotion targets and downloads of this package. Raises
-        what the SDK raises."""
-        try:
-            return self._public_api().artifact(self._qualified(collection, version), type)
-        except Exception as exc:
-            if _MISSING_VERSION.search(str(exc)):
-                return None
-            raise
-
     def classify(self, exc: BaseException, doing: str) -> PublishError:
         """`exc`, raised by the SDK while `doing` something, as a PublishError that says
         whether a retry can help; the API key masked."""
         return self._classify(exc, doing)
+
+    def resolve(self, collection: str, ref: str) -> StoredVersion | None:
+        if not self.online:
+            raise PublishError(
+                "offline mode: restore needs W&B online (a key and the network); versions "
+                "recorded offline are on W&B once `wandb sync` uploaded them",
+                transient=False,
+            )
+        unreachable = Reachability(self.base_url, timeout=_PROBE_TIMEOUT).problem(0.0)
+        if unreachable is not None:  # without a network the SDK says "AuthenticationError"
+            raise PublishError(unreachable, transient=True)
+        at = f" at {self.config.wandb.base_url}" if self.config.wandb.base_url else ""
+        try:
+            api = self._public_api()
+        except Exception as exc:
+            raise self._classify(exc, f"connecting to W&B{at}") from None
+        try:
+            entity = self.config.wandb.entity or api.default_entity
+        except Exception as exc:
+            raise self._classify(exc, "finding the default entity") from None
+        if not entity:
+            raise PublishError(
+                "the API key has no default entity: pass --entity or wandb.entity",
+                transient=False,
+            )
+        name = f"{entity}/{self.config.wandb.project}/{collection}:{ref}"
+        try:
+            found = api.artifact(name)
+        except Exception as exc:
+            # The SDK wraps the "no such project / membership" answer as a ValueError inside
+            # CommError; HTTP failures (401, 403, 5xx, timeouts) carry other inner errors.
+            inner = getattr(exc, "exc", None)
+            if (
+                type(exc).__name__ == "CommError"
+                and type(inner) is ValueError
+                and ("not found" in str(inner))
+            ):
+                return None
+            raise self._classify(exc, f"looking up {name}") from None
+        entries = found.manifest.entries
+        files = tuple(
+            StoredFile(path, entry.size, None if entry.ref else entry.digest, entry.ref)
+            for path, entry in sorted(entries.items())
+        )
+        label = f"{entity}/{self.config.wandb.project}/{collection}:{found.version}"
+        return StoredVersion(
+            collection, found.version, label, files, handle=found,
+            metadata=found.metadata or {}, url=getattr(found, "url", None),
+        )  # fmt: skip
+
+    def download(self, version: StoredVersion, dest: Path) -> None:
+        try:
+            version.handle.download(root=str(dest), skip_cache=True)
+        except Exception as exc:
+            raise self._classify(exc, f"downloading {version.label}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -241,22 +355,20 @@ class WandbSink:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _publish(self, request: PublishRequest) -> PublishedVersion:
+    def _submit(self, request: PublishRequest, generation: int) -> _Pending | _Done:
+        """Log the version; online, the commit is waited for by the returned handle (and
+        wandb-core commits a run's versions of one name in the order they were logged)."""
         if not self.online and self._offline.recorded_before(request.key):
             # Logged by an earlier ckptd that died before its journal said so: not twice.
-            return PublishedVersion(version=None, committed=True)
+            return _Done(PublishedVersion(version=None, committed=True))
         run = self._run(request.collection)
         if not self.online:
             self._log_lost_again(request.collection, run)
         logged = self._log(run, request)
         if not self.online:
             self._skip_lineage(request.run_path)
-            return PublishedVersion(version=None, committed=False)
-        size = sum(f.size for f in request.files)
-        logged.wait(timeout=int(300 + size / 5e6))
-        if request.run_path is not None:
-            self._record_lineage(request.collection, request.type, logged.version, request.run_path)
-        return PublishedVersion(version=logged.version, artifact_id=logged.id)
+            return _Done(PublishedVersion(version=None, committed=False))
+        return _Pending(self, request, logged, generation)
 
     def _log(self, run: Any, request: PublishRequest) -> Any:
         """`log_artifact` one version into `run`; offline, remember it until the run closes."""
@@ -267,7 +379,7 @@ class WandbSink:
             request.collection,
             type=request.type,
             description=request.description,
-            metadata=request.metadata,
+            metadata=metadata.encode(request),
         )
         for file in files:
             _add_file(artifact, file)
@@ -416,7 +528,7 @@ class WandbSink:
             overrides = (
                 {"base_url": self.config.wandb.base_url} if self.config.wandb.base_url else {}
             )
-            self._api = wandb.Api(overrides=overrides, api_key=self._api_key, timeout=60)
+            self._api = wandb.Api(overrides=overrides, api_key=self._api_key, timeout=_API_TIMEOUT)
             _route_terminal_output()
         return self._api
 
@@ -487,17 +599,15 @@ def _route_terminal_output() -> None:
 
 def _remote_version(artifact: Any) -> RemoteVersion:
     """A listed artifact as retention sees it; `step` only from metadata ckptd wrote."""
-    metadata = artifact.metadata or {}
-    step = metadata.get("step") if "ckptd" in metadata else None
-    metrics = metadata.get("metrics") if "ckptd" in metadata else None
+    ours = metadata.decode(artifact.metadata)
     return RemoteVersion(
         version=artifact.version,
         index=int(artifact.version.lstrip("v")),
-        step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+        step=None if ours is None else ours.step,
         aliases=tuple(artifact.aliases),
         size=int(artifact.size or 0),
         linked=bool(artifact.is_link),
-        metrics=metrics if isinstance(metrics, dict) else {},
+        metrics={} if ours is None else ours.metrics,
     )
 
 

@@ -1,7 +1,8 @@
 """Retention, carried out: gather one watch entry's state, plan, delete, record, retry.
 
-`Retention.after_publish(collection, now)` runs after each publish on the publisher's thread
-and never raises: whatever fails is logged and retried later, and publishing goes on.
+`Retention.after_publish(collection, now)` runs once a version is in place (the coordinator
+calls it, on a worker thread) and never raises: whatever fails is logged and retried later,
+and publishing goes on.
 `Retention.run(watch, now, dry_run)` does the same for one watch entry and returns the plan
 (`ckptd gc`). Every deletion is logged with its reason and recorded in the journal.
 
@@ -26,11 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ckptd.checkpoint import FileState
 from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError, VersionLinked
 from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
-from ckptd.retention import (
+from ckptd.retention.plan import (
     Decision,
     LocalCheckpoint,
     RetentionPlan,
@@ -61,13 +63,12 @@ class Retention:
         self.config = config
         self.journal = journal
         self.sink = sink
-        self.online = config.wandb.mode == "online"
         self.retry = RetryPolicy(config.upload.retry)
         self._run_locks = {watch.artifact: threading.Lock() for watch in config.watch}
         self._lock = threading.Lock()
         self._failures: dict[tuple[str, str], _Failure] = {}  # (collection, target)
         self._linked: set[tuple[str, str]] = set()  # (collection, version) refused as linked
-        self._offline_noted = False
+        self._limits_noted = False
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -137,14 +138,14 @@ class Retention:
         self, watch: WatchConfig, now: float
     ) -> tuple[tuple[RemoteVersion, ...] | None, str | None]:
         collection = watch.artifact
-        if not self.online:
-            if not self._offline_noted:
-                self._offline_noted = True
+        if not self.sink.capabilities.lists_versions:
+            if not self._limits_noted:
+                self._limits_noted = True
                 log.info(
-                    "W&B offline mode: remote retention is skipped (versions get their numbers "
-                    "at `wandb sync`); local retention deletes only with allow_offline: true"
-                )
-            return None, "offline mode: remote versions cannot be listed; remote retention skipped"
+                    "remote retention is skipped (%s); local retention deletes only with "
+                    "allow_offline: true", self.sink.capabilities.limits,
+                )  # fmt: skip
+            return None, f"{self.sink.capabilities.limits}; remote retention skipped"
         owner = next(w for w in self.config.watch if w.artifact == collection)
         if owner is not watch:
             return None, f"the versions of {collection} follow the retention of {owner.path}"
@@ -327,7 +328,7 @@ def _inspect(watch: WatchConfig, row: Row) -> tuple[bool, str | None]:
         real = os.path.realpath(path)
         if os.path.commonpath([root, real]) != root:
             return True, f"{f.name} is outside the watched root"
-        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+        if not f.same_bytes(FileState.from_stat(f.name, st), same_inode=False):
             return True, f"{f.name} changed since it was published"
     return present, None
 

@@ -3,7 +3,7 @@
 `plan(state, policy)` looks at one watch entry: the versions of its collection on W&B and
 the checkpoints of its watched directory that the journal knows and that are still on disk.
 It returns a `RetentionPlan` with one decision per version and per checkpoint, each with its
-reason, keeps included (they make the `ckptd gc` table). The executor (`retention_exec`)
+reason, keeps included (they make the `ckptd gc` table). The executor (`ckptd.retention.run`)
 gathers the state, carries the deletions out and records them.
 
 Remote rules (`retention.remote`), in the order they are checked; the first that keeps a

@@ -10,8 +10,10 @@ files of a checkpoint (with its row id; such a row is *retired* and keeps its `a
 since its version still exists).
 
 Thread safety: one connection, guarded by `_lock`; every method is one short transaction.
-Only one process may open a state_dir (an exclusive flock on `ckptd.lock`), so any lease
-found at start-up belongs to a dead process and is taken back.
+Only one process may open a state_dir for writing (an exclusive flock on `ckptd.lock`): that
+lock, not a per-row lease, is what keeps two daemons from publishing the same checkpoint.
+Each state change is a typed method (`mark_hashed`, `retry_later`, `mark_published`, ...)
+that checks the move against `TRANSITIONS`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,10 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ckptd.checkpoint import CheckpointInfo, FileState
+from ckptd import sidecar
+from ckptd.checkpoint import FileState
 from ckptd.errors import JournalError, NewerJournal, StateDirLocked
-from ckptd.rows import (
-    END_STATES,
+from ckptd.journal.rows import (
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -39,6 +40,7 @@ from ckptd.rows import (
     TRANSITIONS,
     Deletion,
     Dropped,
+    NewRow,
     PromotionRow,
     Row,
     decode,
@@ -46,18 +48,11 @@ from ckptd.rows import (
 )  # fmt: skip
 
 __all__ = [
-    "END_STATES", "MAX_STEP", "STATES", "Deletion", "Dropped", "Journal", "PromotionRow", "Row",
+    "MAX_STEP", "STATES", "Deletion", "Dropped", "Journal", "NewRow", "PromotionRow", "Row",
 ]  # fmt: skip
 
 
 MAX_STEP = 2**63 - 1  # SQLite's INTEGER; sidecar and name parsing keep steps within it
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return socket.gethostname()
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -88,7 +83,6 @@ class Journal:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / "journal.sqlite3"
-        self.owner = f"{_boot_id()}:{os.getpid()}"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._lockfile: int | None = None
@@ -129,7 +123,6 @@ class Journal:
         self._db = db
         if exclusive:
             self._restrict()  # the -wal and -shm files exist now
-            self.release_stale_leases()
         return self
 
     def _restrict(self) -> None:
@@ -157,7 +150,9 @@ class Journal:
             self._lockfile = None
 
     def __enter__(self) -> Journal:
-        return self.open()
+        """`with Journal(d):` opens it exclusively; `with Journal(d).open(exclusive=False):`
+        keeps the reader's open."""
+        return self if self.is_open else self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -195,33 +190,13 @@ class Journal:
 
     # -- writing ----------------------------------------------------------------------
 
-    def release_stale_leases(self) -> int:
-        """Take back every lease: this process holds the state_dir lock, so they are stale."""
-        with self._tx() as db:
-            return db.execute(
-                "UPDATE checkpoints SET lease_owner = NULL, lease_expires = NULL "
-                "WHERE lease_owner IS NOT NULL"
-            ).rowcount
-
-    def add(
-        self,
-        *,
-        collection: str,
-        watch_path: Path,
-        relpath: str,
-        fingerprint: str,
-        format: str,
-        step: int | None,
-        files: Iterable[FileState],
-        info: CheckpointInfo,
-        snapshot: Path | None,
-        now: float,
-    ) -> int | None:
+    def add(self, new: NewRow, now: float) -> int | None:
         """Record a finished checkpoint as `ready`; None if this exact one is known already.
 
         A checkpoint without a step gets the next one after the collection's highest, so
         that detection order stands in for it.
         """
+        collection, step = new.collection, new.step
         with self._tx() as db:
             if step is None:
                 (highest,) = db.execute(
@@ -234,9 +209,10 @@ class Journal:
                 "fingerprint, format, step, state, files, info, snapshot, detected_at, "
                 "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'ready', ?, ?, ?, ?, ?)",
                 (
-                    collection, str(watch_path), relpath, fingerprint, format, step,
-                    json.dumps([f.to_json() for f in files]), json.dumps(info.to_json()),
-                    None if snapshot is None else str(snapshot), now, now,
+                    collection, str(new.watch_path), new.relpath, new.fingerprint, new.format,
+                    step, json.dumps([f.to_json() for f in new.files]),
+                    json.dumps(new.info.to_json()),
+                    None if new.snapshot is None else str(new.snapshot), now, now,
                 ),
             )  # fmt: skip
             return cursor.lastrowid if cursor.rowcount else None
@@ -269,23 +245,80 @@ class Journal:
         return bool(
             self._query(
                 "SELECT 1 FROM checkpoints WHERE collection = ? AND watch_path = ? AND "
-                "json_extract(info, '$.source') LIKE '%metrics.json' LIMIT 1",
-                (collection, str(watch_path)),
+                "json_extract(info, '$.source') LIKE ? LIMIT 1",
+                (collection, str(watch_path), f"%{sidecar.INSIDE}"),
             )
         )
 
-    def transition(self, row_id: int, to: str, now: float, **fields: Any) -> Row:
-        """Move a row to state `to`, setting `fields`; refuse transitions the machine forbids."""
+    def mark_hashed(self, row_id: int, now: float, *, md5s: Mapping[str, str], digest: str) -> Row:
+        """`ready -> hashed`: every file's md5 and the content digest they make."""
+        return self._move(
+            row_id, "hashed", now, md5s=dict(md5s), digest=digest, attempts=0,
+            next_attempt_at=0, first_failure_at=None, last_error=None,
+        )  # fmt: skip
+
+    def retry_later(
+        self,
+        row_id: int,
+        now: float,
+        *,
+        at: float,
+        error: str,
+        attempts: int | None = None,
+        first_failure_at: float | None = None,
+    ) -> None:
+        """Keep the row in its state and try it again at `at`, recording why."""
+        fields: dict[str, object] = {"next_attempt_at": at, "last_error": error}
+        if attempts is not None:
+            fields["attempts"] = attempts
+        if first_failure_at is not None:
+            fields["first_failure_at"] = first_failure_at
+        self._move(row_id, None, now, **fields)
+
+    def supersede(self, row_id: int, now: float, reason: str) -> None:
+        """The row will never be published: replaced, deleted, or the same content as a
+        version. An end state."""
+        self._move(row_id, "superseded", now, last_error=reason)
+
+    def fail(
+        self,
+        row_id: int,
+        now: float,
+        error: str,
+        *,
+        attempts: int | None = None,
+        first_failure_at: float | None = None,
+    ) -> None:
+        """The row ends `failed` with `error` (its snapshot is the caller's to keep or drop)."""
+        fields: dict[str, object] = {"last_error": error}
+        if attempts is not None:
+            fields["attempts"] = attempts
+        if first_failure_at is not None:
+            fields["first_failure_at"] = first_failure_at
+        self._move(row_id, "failed", now, **fields)
+
+    def mark_aliased(self, row_id: int, now: float) -> Row:
+        """`published -> aliased`: its aliases are where they belong; nothing is left to do."""
+        return self._move(row_id, "aliased", now)
+
+    def _move(self, row_id: int, to: str | None, now: float, **fields: object) -> Row:
         with self._tx() as db:
             return self._transition(db, row_id, to, now, fields)
 
     def _transition(
-        self, db: sqlite3.Connection, row_id: int, to: str, now: float, fields: dict[str, Any]
+        self,
+        db: sqlite3.Connection,
+        row_id: int,
+        to: str | None,
+        now: float,
+        fields: Mapping[str, object],
     ) -> Row:
+        """Set `fields` and move to state `to` (None: stay); refuse moves the machine forbids."""
         current = db.execute("SELECT state FROM checkpoints WHERE id = ?", (row_id,)).fetchone()
         if current is None:
             raise JournalError(f"{self.path}: no checkpoint #{row_id}")
-        if to not in TRANSITIONS[current["state"]]:
+        state = current["state"] if to is None else to
+        if to is not None and to not in TRANSITIONS[current["state"]]:
             raise JournalError(
                 f"{self.path}: checkpoint #{row_id} cannot go from {current['state']} to {to}"
             )
@@ -293,19 +326,9 @@ class Journal:
         assignments = "".join(f", {key} = ?" for key in encoded)
         db.execute(
             f"UPDATE checkpoints SET state = ?, updated_at = ?{assignments} WHERE id = ?",
-            (to, now, *encoded.values(), row_id),
+            (state, now, *encoded.values(), row_id),
         )
         return decode(db.execute("SELECT * FROM checkpoints WHERE id = ?", (row_id,)).fetchone())
-
-    def update(self, row_id: int, now: float, **fields: Any) -> None:
-        """Set fields of a row without changing its state (retry bookkeeping, leases)."""
-        encoded = {key: encode(key, value) for key, value in fields.items()}
-        assignments = ", ".join(f"{key} = ?" for key in encoded)
-        with self._tx() as db:
-            db.execute(
-                f"UPDATE checkpoints SET updated_at = ?, {assignments} WHERE id = ?",
-                (now, *encoded.values(), row_id),
-            )
 
     def mark_published(
         self,
@@ -323,10 +346,9 @@ class Journal:
         `durable=False`: the sink logged it but cannot vouch for it yet (W&B offline).
         `promotions` ((target, aliases) the version's aliases fired) are queued with it, so
         that a crash between publish and promotion still promotes it once."""
-        fields = {
+        fields: dict[str, object] = {
             "version": version, "aliases": tuple(aliases), "last_error": None,
-            "next_attempt_at": 0, "lease_owner": None, "lease_expires": None,
-            "durable": int(durable),
+            "next_attempt_at": 0, "durable": int(durable),
         }  # fmt: skip
         with self._tx() as db:
             row = self._transition(db, row_id, "published", now, fields)
@@ -355,14 +377,6 @@ class Journal:
             db.execute(
                 "INSERT OR IGNORE INTO best VALUES (?, ?, ?, ?)", (collection, alias, -1, value)
             )
-
-    def claim(self, row_id: int, now: float, lease: float) -> None:
-        """Lease a row to this process for `lease` seconds (recorded with pid and boot id)."""
-        self.update(row_id, now, lease_owner=self.owner, lease_expires=now + lease)
-
-    def release(self, row_id: int, now: float) -> None:
-        """End this process's lease on a row."""
-        self.update(row_id, now, lease_owner=None, lease_expires=None)
 
     def park(self, collection: str, reason: str, now: float) -> None:
         """Stop publishing `collection` after a permanent error; its queue is kept."""

@@ -15,7 +15,6 @@ from typing import Any
 from ckptd.checkpoint import CheckpointInfo, FileState
 
 __all__ = [
-    "END_STATES",
     "MIGRATIONS",
     "SCHEMA",
     "SCHEMA_VERSION",
@@ -23,6 +22,7 @@ __all__ = [
     "TRANSITIONS",
     "Deletion",
     "Dropped",
+    "NewRow",
     "PromotionRow",
     "Row",
     "decode",
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 STATES = ("ready", "hashed", "published", "aliased", "superseded", "failed")
-END_STATES = frozenset({"aliased", "superseded", "failed"})
 TRANSITIONS = {
     "ready": {"hashed", "superseded", "failed"},
     "hashed": {"published", "ready", "superseded", "failed"},
@@ -88,8 +87,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     first_failure_at REAL,
     last_error TEXT,
-    lease_owner TEXT,
-    lease_expires REAL,
+    lease_owner TEXT,  -- unused since 0.1 (the state_dir lock is the guard); kept for old journals
+    lease_expires REAL,  -- unused, as lease_owner
     detected_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     UNIQUE (collection, watch_path, relpath, fingerprint)
@@ -131,6 +130,22 @@ CREATE TABLE IF NOT EXISTS dropped (
     PRIMARY KEY (collection, path, reason)
 );
 """
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """A finished checkpoint about to be queued (`Journal.add`). `step` None: the next after
+    the collection's highest, so that detection order stands in for it."""
+
+    collection: str
+    watch_path: Path
+    relpath: str
+    fingerprint: str
+    format: str
+    step: int | None
+    files: tuple[FileState, ...]
+    info: CheckpointInfo
+    snapshot: Path | None
 
 
 @dataclass(frozen=True)
