@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     source = args.config or DEFAULT_CONFIG_PATH
     try:
         config = load_config(args.config)
+        _supported(config, source)
         # A config that cannot run is a config error (exit 2) at start-up. `check` may run
         # where the key is not visible (systemd hands it over inside the unit): it says so.
         api_key = _key_for(config, source) if args.command in ("run", "promote") else None
@@ -239,11 +240,13 @@ def _promote(config: Config, api_key: str | None, args: argparse.Namespace) -> i
 
     artifact, _, ref = str(args.artifact).partition(":")
     setup_logging(config.log.format, config.log.level, [api_key or "", *_hub_token(config)])
-    if config.wandb.mode != "online":
-        raise CkptdError("ckptd promote needs a config with wandb.mode online (--config)")
     if args.alias and not args.to.startswith("registry:"):
         raise CkptdError("--alias applies to registry targets; a Hub release is tagged step-N")
     sink = factory.build(config, api_key)
+    if not sink.capabilities.reads:
+        sink.close()
+        limits = sink.capabilities.limits
+        raise CkptdError(f"ckptd promote cannot read published versions: {limits}")
     target = factory.promotion_target(config, args.to, api_key)
     try:
         print(promote_now(config, sink, target, artifact, ref or "latest", tuple(args.alias)))
@@ -251,6 +254,14 @@ def _promote(config: Config, api_key: str | None, args: argparse.Namespace) -> i
         target.close()
         sink.close()
     return EXIT_OK
+
+
+def _supported(config: Config, source: Path) -> None:
+    """A ConfigError naming each key that asks the destination for what it cannot do."""
+    from ckptd.sinks import factory
+
+    if problems := factory.unsupported(config):
+        raise ConfigError(str(source), problems)
 
 
 def _key_for(config: Config, source: Path) -> str | None:

@@ -481,12 +481,6 @@ class Config(_Model):
                         f"{watch.artifact!r}: `latest` would jump between their steps; give "
                         "each its own `artifact:`, or set `shared: true` on both"
                     )
-        for index, watch in enumerate(self.watch):
-            if watch.promote and self.wandb.mode != "online":
-                problems.append(
-                    f"watch[{index}].promote: promotion needs wandb.mode online (offline "
-                    "versions get their numbers only at `wandb sync`)"
-                )
         if problems:
             raise ValueError("\n".join(problems))
         return self

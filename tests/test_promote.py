@@ -80,10 +80,18 @@ def test_the_readme_promotion_example_is_a_valid_config(tmp_path: Path) -> None:
 
 
 def test_promotion_needs_online_mode(tmp_path: Path) -> None:
-    """Offline versions have no number until `wandb sync`: a rule there is a config error."""
-    with pytest.raises(ConfigError) as caught:
-        load(tmp_path, f"[{{when: {{alias: best}}, to: '{TARGET}'}}]", mode="offline")
-    assert "watch[0].promote: promotion needs wandb.mode online" in caught.value.problems[0]
+    """Offline versions have no number until `wandb sync`: a rule there is a config error
+    (exit 2) for `check` and at start, naming the key."""
+    from tests.conftest import CKPTD
+
+    load(tmp_path, f"[{{when: {{alias: best}}, to: '{TARGET}'}}]", mode="offline")  # loads
+    for command in ("check", "run"):
+        done = subprocess.run(
+            [*CKPTD, command, "--config", str(tmp_path / "ckptd.yaml")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert "watch[0].promote: promotion needs wandb.mode online" in done.stderr
 
 
 def test_alias_rules_fire_for_the_aliases_a_version_gets(tmp_path: Path) -> None:
@@ -375,7 +383,7 @@ def test_promote_command_refuses_bad_input_before_any_network(tmp_path: Path) ->
     assert bad.returncode == 2 and "a promotion target is registry:" in bad.stderr
     offline = promote("model-checkpoint:best", "--to", HUB)  # the embedded config: offline
     assert offline.returncode == 1
-    assert "needs a config with wandb.mode online" in offline.stderr
+    assert "ckptd promote cannot read published versions: " in offline.stderr
     config = tmp_path / "ckptd.yaml"
     config.write_text(f"wandb: {{mode: online}}\nwatch: [{{path: {tmp_path}}}]\n")
     alias = promote("--config", str(config), "model-checkpoint:v3", "--to", HUB, "--alias", "x")

@@ -16,6 +16,7 @@ from ckptd.sinks.promotion import PromotionTarget
 
 __all__ = [
     "api_key", "build", "missing_credentials", "promotion_target", "reader", "restore_config",
+    "unsupported",
 ]  # fmt: skip
 
 
@@ -34,6 +35,18 @@ def missing_credentials(config: Config, key: str | None) -> str | None:
             "WANDB_API_KEY (or use mode: offline)"
         )
     return None
+
+
+def unsupported(config: Config) -> list[str]:
+    """What the config asks of the destination that it cannot do, one line per key."""
+    if config.wandb.mode == "online":
+        return []
+    return [
+        f"watch[{index}].promote: promotion needs wandb.mode online (offline versions get "
+        "their numbers only at `wandb sync`)"
+        for index, watch in enumerate(config.watch)
+        if watch.promote
+    ]
 
 
 def build(config: Config, key: str | None) -> Sink:
