@@ -1,5 +1,6 @@
 """The loopback servers' promotion semantics, pinned on the wire: W&B's registry links
-(raw GraphQL as the SDK sends it) and the Hub's commit API (the real `huggingface_hub`)."""
+(raw GraphQL as the SDK sends it) and the Hub's commit API (the real `huggingface_hub`);
+and the Hub target reading from the in-memory sink."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from typing import Any
 
 import pytest
 
+from ckptd.config import load_config
+from ckptd.errors import PromotionRefused, PublishError
+from ckptd.hashing import md5_b64
+from ckptd.sinks import PublishRequest, SinkFile, VersionFacts
+from ckptd.sinks.hub import HubTarget
+from ckptd.sinks.memory import MemorySink
+from ckptd.sinks.promotion import Promotion
 from tests.support.fake_hub import TOKEN, FakeHubServer, git_blob_sha1
 from tests.support.fake_wandb import DEFAULT_ENTITY, DEFAULT_ORG, FakeWandbServer
 from tests.test_fake_wandb_server import _commit, _create_pending_artifact, graphql
@@ -130,3 +138,60 @@ def test_hub_commits_keep_bytes_skip_unchanged_files_and_refuse_what_the_hub_ref
         urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
     assert refused.value.code == 422
     assert git_blob_sha1(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's own
+
+
+def _memory_version(sink: MemorySink, tmp_path: Path, files: dict[str, bytes], step: int) -> None:
+    """Publish `files` as the next version of model-checkpoint in the memory sink."""
+    root = tmp_path / f"ckpt-{step}"
+    root.mkdir()
+    parts = []
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        parts.append(SinkFile(name, root / name, md5_b64(root / name), len(data)))
+    facts = VersionFacts(step=step, metrics={"val_loss": 0.5})
+    sink.publish(PublishRequest("model-checkpoint", "model", tuple(parts), (), facts))
+
+
+# As above: huggingface_hub hands httpx a file for LFS uploads.
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_the_hub_target_releases_from_any_sink_and_refuses_what_is_no_model(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the in-memory sink: a PEFT adapter is released (adapter files and card only); a
+    version with no config is refused alone (PromotionRefused) with nothing committed; a
+    download whose bytes do not match the sink's md5 is a transient error."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config_path = tmp_path / "ckptd.yaml"
+    config_path.write_text(
+        f'state_dir: {tmp_path / "state"}\nhuggingface: {{endpoint: "{hub.url}"}}\n'
+        "watch: [{path: ck}]\n"
+    )
+    config = load_config(config_path)
+    sink = MemorySink()
+    adapter = {"adapter_config.json": b'{"base_model_name_or_path": "gpt2", "r": 2}',
+               "adapter_model.safetensors": b"\0" * 300, "optimizer.pt": b"state"}  # fmt: skip
+    _memory_version(sink, tmp_path, adapter, 10)
+    _memory_version(sink, tmp_path, {"model.pt": b"weights"}, 20)
+    target = HubTarget(config, "org/adapter", sink)
+
+    result = target.promote(Promotion("model-checkpoint", "model", "v0", 10))
+    assert result.startswith("released model-checkpoint:v0 on org/adapter (committed")
+    repo = hub.repo("org/adapter")
+    assert repo is not None and repo.tags == {"step-10": repo.commits[0].oid}
+    files = repo.commits[0].files
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert files["adapter_model.safetensors"] == adapter["adapter_model.safetensors"]
+    assert b"base_model: gpt2" in files["README.md"]
+
+    with pytest.raises(PromotionRefused, match="not an HF-loadable layout"):
+        target.promote(Promotion("model-checkpoint", "model", "v1", 20))
+    assert len(repo.commits) == 1
+
+    _memory_version(sink, tmp_path, {"config.json": b"{}", "model.safetensors": b"1" * 9}, 30)
+    stored = sink.collections["model-checkpoint"][-1]
+    stored.files["model.safetensors"] = (b"2" * 9, stored.files["model.safetensors"][1])
+    with pytest.raises(PublishError, match="downloaded corrupt") as corrupt:
+        target.promote(Promotion("model-checkpoint", "model", "v2", 30))
+    assert corrupt.value.transient
+    assert list((tmp_path / "state" / "promote").iterdir()) == []  # nothing left behind
+    target.close()
