@@ -4,8 +4,9 @@ files on the Hugging Face Hub with `huggingface_hub`.
 A release is: the repository (created private unless `huggingface.private: false`), one
 commit holding the model files of an HF-loadable layout (`save_pretrained` directories,
 Trainer checkpoints, PEFT adapters; never optimizer, scheduler, RNG or trainer state) and a
-generated model card, and a tag `step-N` on that commit. The bytes come from W&B (the
-published version, verified against its manifest), not from the training directory.
+generated model card, and a tag `step-N` on that commit. The bytes come from the sink the
+version was published to (`Sink.resolve`/`download`: W&B), checked against the md5s it
+recorded, not from the training directory.
 
 Idempotent: a repository that has the tag `step-N` already is left alone; without the tag
 (a crash between commit and tag), `create_commit` finds every file unchanged (the Hub's
