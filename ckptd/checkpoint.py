@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointInfo", "FileState", "content_digest", "fingerprint", "stat_files"]
+__all__ = ["CheckpointInfo", "FileState", "base_of", "content_digest", "fingerprint", "stat_files"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,12 @@ class FileState:
             int(data["mtime_ns"]),
             int(data["ctime_ns"]),
         )
+
+
+def base_of(unit: Path) -> Path:
+    """The directory a checkpoint unit's file names are relative to: the unit itself for a
+    directory, its parent for a single file (see `stat_files`)."""
+    return unit if unit.is_dir() else unit.parent
 
 
 def fingerprint(files: tuple[FileState, ...]) -> str:

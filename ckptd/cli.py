@@ -18,10 +18,18 @@ from pathlib import Path
 from types import FrameType
 
 from ckptd import __version__
-from ckptd.config import DEFAULT_CONFIG_PATH, Config, load_config, mask_secrets
+from ckptd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    DistributedConfig,
+    ObjectStoreReference,
+    load_config,
+    mask_secrets,
+)
 from ckptd.errors import CkptdError, ConfigError
 from ckptd.journal import Journal, PromotionRow
 from ckptd.promote import PARKED_PREFIX
+from ckptd.topology import detect
 
 __all__ = ["main"]
 
@@ -295,11 +303,29 @@ def _check(config: Config, source: Path) -> int:
     for index, watch in enumerate(config.watch):
         print(f"  watch[{index}] {watch.path} -> {watch.artifact} ({watch.format})")
         print(f"    retention: {describe(watch.retention)}")
+        if watch.reference is not None:
+            reference = watch.reference
+            where = reference.uri if isinstance(reference, ObjectStoreReference) else "file://"
+            print(f"    reference: {where} (nothing uploaded; W&B holds references)")
+        if watch.distributed is not None:
+            print(f"    distributed: {_describe_distributed(watch.distributed)}")
         for rule in watch.promote:
             when = f"alias {rule.when.alias}" if rule.when.alias else f"final {rule.when.final}"
             aliases = f" with {', '.join(rule.aliases)}" if rule.aliases else ""
             print(f"    promote: when {when} -> {rule.to}{aliases}")
     return EXIT_OK
+
+
+def _describe_distributed(distributed: DistributedConfig) -> str:
+    """One line: this host's place in the job, and what the environment told."""
+    role = "commits each version" if distributed.is_finisher else (
+        f"rank {distributed.finisher} commits each version"
+    )  # fmt: skip
+    return (
+        f"group {distributed.group!r}, rank {distributed.rank} of {distributed.hosts} hosts "
+        f"({role}), timeout {distributed.timeout:g}s; detected in the environment: "
+        f"{detect(os.environ).describe()} (values in the config win)"
+    )
 
 
 def _status(config: Config) -> int:
@@ -332,7 +358,8 @@ def _status(config: Config) -> int:
         print(
             f"{collection}: {len(published) - unconfirmed} published, "
             + (f"{unconfirmed} logged offline but unconfirmed, " if unconfirmed else "")
-            + f"{counts['ready'] + counts['hashed']} pending, {counts['failed']} failed, "
+            + f"{counts['ready'] + counts['hashed'] + counts['upserted']} pending, "
+            f"{counts['failed']} failed, "
             f"{counts['superseded']} superseded, {sum(d.collection == collection for d in drops)} "
             "dropped" + (f"; last {last.version or '<offline>'} (step {last.step})" if last else "")
         )
@@ -340,7 +367,7 @@ def _status(config: Config) -> int:
             reason, _ = parked[collection]
             print(f"  PARKED: {reason}")
         for row in mine:
-            if row.state in ("ready", "hashed", "failed") and row.last_error:
+            if row.state in ("ready", "hashed", "upserted", "failed") and row.last_error:
                 print(f"  {row.state} {row.relpath} (step {row.step}): {row.last_error}")
         for drop in (d for d in drops if d.collection == collection):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.at))
@@ -434,14 +461,46 @@ def _restore_parser(p: argparse.ArgumentParser) -> None:
         "--if-missing", action="store_true", help="do nothing when DIR already has a checkpoint"
     )
     p.add_argument(
-        "--allow-reference-root", action="append", default=[], type=Path, metavar="DIR",
-        help="follow file:// references under DIR (repeatable); by default a version that "
-        "references files instead of holding them is refused",
+        "--allow-reference-root", action="append", default=[], type=_reference_root,
+        metavar="DIR|URI",
+        help="follow file:// references under DIR, or s3:// and gs:// references under URI "
+        "(s3://bucket/prefix/) (repeatable); the reference of each watch entry in --config "
+        "that publishes ARTIFACT is allowed too; any other reference is refused",
     )  # fmt: skip
     p.add_argument(
         "--config", "-c", type=Path, default=None,
         help="config file for project, entity, base_url and api_key_file",
     )  # fmt: skip
+
+
+def _reference_root(text: str) -> Path | str:
+    """A directory, or an object store prefix (as given, with a trailing '/')."""
+    from ckptd import references
+
+    if "://" not in text:
+        return Path(text)
+    try:
+        return references.check_store_uri(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _reference_allowed(
+    config: Config | None, artifact: str, given: list[Path | str]
+) -> tuple[list[Path], list[str]]:
+    """(directories, object store prefixes) whose references restore may follow: those given
+    by --allow-reference-root, and the reference of each watch entry publishing `artifact`
+    (its versions reference exactly there)."""
+    roots = [root for root in given if isinstance(root, Path)]
+    prefixes = [root for root in given if isinstance(root, str)]
+    for watch in () if config is None else config.watch:
+        if watch.artifact != artifact or watch.reference is None:
+            continue
+        if isinstance(watch.reference, ObjectStoreReference):
+            prefixes.append(watch.reference.uri)
+        else:
+            roots.append(watch.path)
+    return roots, prefixes
 
 
 def _alias_arg(text: str) -> str:
@@ -483,10 +542,12 @@ def _restore(config: Config, args: argparse.Namespace) -> int:
         project=args.project, entity=args.entity,
     )  # fmt: skip
     refs = [args.version] if args.version else args.alias or ["latest"]
+    watched = config if args.config is not None else None
+    roots, prefixes = _reference_allowed(watched, args.artifact, args.allow_reference_root)
     try:
         result = restore(
             args.artifact, args.to, sink, refs=refs, if_missing=args.if_missing,
-            reference_roots=args.allow_reference_root,
+            reference_roots=roots, reference_prefixes=prefixes,
         )  # fmt: skip
     finally:
         sink.close()

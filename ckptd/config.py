@@ -19,13 +19,16 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from ckptd import references
 from ckptd.errors import ConfigError
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
 
@@ -34,8 +37,10 @@ __all__ = [
     "AliasConfig",
     "BestRule",
     "Config",
+    "DistributedConfig",
     "HuggingFaceConfig",
     "LocalRetention",
+    "ObjectStoreReference",
     "PromoteRule",
     "PromoteWhen",
     "RemoteRetention",
@@ -342,6 +347,99 @@ class HuggingFaceConfig(_Model):
     )
 
 
+class ObjectStoreReference(_Model):
+    """The watched path is `local`, or under it, and `local` is a mount of the object store
+    prefix `uri` (Mountpoint for S3, s3fs, gcsfuse)."""
+
+    uri: str
+    local: Path
+
+    _resolve = field_validator("local")(_resolve_path)
+
+    @field_validator("uri")
+    @classmethod
+    def _store_prefix(cls, uri: str) -> str:
+        prefix = references.check_store_uri(uri)
+        if (missing := references.missing_library(prefix)) is not None:
+            raise ValueError(missing)
+        return prefix
+
+
+def _file_reference(value: str) -> str:
+    if value != "file":
+        raise ValueError(
+            "expected 'file' (a shared filesystem) or {uri: s3://bucket/prefix/, local: "
+            f"/mount/of/it}} (an object store mount), got {value!r}"
+        )
+    return value
+
+
+# `file`, or a mapping; the tag tells pydantic which, so that an error names only the one
+# the user meant (tags hold '[' so that error paths leave them out).
+Reference = Annotated[
+    Annotated[Literal["file"], BeforeValidator(_file_reference), Tag("reference[file]")]
+    | Annotated[ObjectStoreReference, Tag("reference[store]")],
+    Discriminator(lambda v: "reference[file]" if isinstance(v, str) else "reference[store]"),
+]
+
+
+class DistributedConfig(_Model):
+    """One checkpoint written by several hosts, published as one version (see topology)."""
+
+    group: str = Field(min_length=1)  # the same on every host of a job, new for each job
+    hosts: int = Field(ge=1)
+    rank: int = Field(ge=0)
+    finisher: int = Field(0, ge=0)  # the rank that commits each version
+    timeout: Duration = 1800.0  # how long the finisher waits for every host's part
+    # A directory every host reads and writes (NFS...) for the rendezvous, instead of W&B.
+    rendezvous: Path | None = None
+
+    _positive_timeout = field_validator("timeout")(_positive)
+    _resolve = field_validator("rendezvous")(
+        lambda v, info: None if v is None else _resolve_path(v, info)
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, value: object, info: ValidationInfo) -> object:
+        """Fill group, hosts and rank that the config leaves out from the launcher's
+        environment (ckptd.topology); what neither gives is an error naming both."""
+        from ckptd.topology import detect
+
+        if not isinstance(value, dict):
+            return value
+        env = (info.context or {}).get("env", os.environ)
+        found = detect(env)
+        filled = dict(value)
+        missing = []
+        for fact in ("group", "hosts", "rank"):
+            if filled.get(fact) is None:
+                detected = getattr(found, fact)
+                if detected is None:
+                    missing.append(fact)
+                filled[fact] = detected
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing[:-1])}{' and ' if len(missing) > 1 else ''}{missing[-1]} "
+                "not given and not found in the environment "
+                "(SLURM, torchrun, PyTorchJob, JobSet or MPI variables); set "
+                + ", ".join(f"{fact}: ${{VAR}}" for fact in missing)
+            )
+        return filled
+
+    @model_validator(mode="after")
+    def _ranks_in_range(self) -> DistributedConfig:
+        for name, rank in (("rank", self.rank), ("finisher", self.finisher)):
+            if rank >= self.hosts:
+                raise ValueError(f"{name} {rank} is not below hosts ({self.hosts})")
+        return self
+
+    @property
+    def is_finisher(self) -> bool:
+        """Does this host commit the versions?"""
+        return self.rank == self.finisher
+
+
 DEFAULT_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin", "*.keras", "*.h5")
 
 
@@ -364,6 +462,9 @@ class WatchConfig(_Model):
     run_path: str | None = None
     shared: bool = False  # this entry shares its collection with another on purpose
     promote: tuple[PromoteRule, ...] = ()
+    # Record where the files already are instead of uploading them (see ckptd.references).
+    reference: Reference | None = None
+    distributed: DistributedConfig | None = None  # a multi-node job: one version, many hosts
 
     _resolve = field_validator("path")(_resolve_path)
 
@@ -391,6 +492,27 @@ class WatchConfig(_Model):
         return patterns
 
     _positive_poll = field_validator("poll_interval")(_positive)
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> WatchConfig:
+        """A mount must hold the watched path, and the referenced files are the only copy:
+        local retention deleting them would delete the version's contents."""
+        reference = self.reference
+        if isinstance(reference, ObjectStoreReference) and not self.path.is_relative_to(
+            reference.local
+        ):
+            raise ValueError(
+                f"reference.local must be the watched path ({self.path}) or contain it (the "
+                f"files must be inside the mount of {reference.uri}), got {reference.local}"
+            )
+        local = self.retention.local
+        if reference is not None and (local.delete_after_upload or local.min_free is not None):
+            deleting = "delete_after_upload: true" if local.delete_after_upload else "min_free"
+            raise ValueError(
+                "retention.local cannot delete the files that reference versions point at "
+                f"(the versions would lose their contents), got {deleting} with reference"
+            )
+        return self
 
 
 AUTO_LISTEN = ("127.0.0.1", tuple(range(9480, 9500)))
@@ -481,6 +603,12 @@ class Config(_Model):
                         f"{watch.artifact!r}: `latest` would jump between their steps; give "
                         "each its own `artifact:`, or set `shared: true` on both"
                     )
+        for index, watch in enumerate(self.watch):
+            if watch.distributed is not None and self.wandb.mode != "online":
+                problems.append(
+                    f"watch[{index}].distributed: needs wandb.mode: online (W&B merges the "
+                    "hosts' parts into one version on its server; offline mode cannot)"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -518,7 +646,7 @@ def load_config(path: Path | str | None, env: dict[str, str] | None = None) -> C
     if problems:
         raise ConfigError(str(source), mask_secrets(problems, environ))
     try:
-        return Config.model_validate(raw, context={"base_dir": base_dir})
+        return Config.model_validate(raw, context={"base_dir": base_dir, "env": environ})
     except ValidationError as exc:
         raise ConfigError(str(source), mask_secrets(_describe(exc, raw), environ)) from None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import sidecar
-from ckptd.checkpoint import CheckpointInfo, FileState, fingerprint, stat_files
+from ckptd.checkpoint import CheckpointInfo, FileState, base_of, fingerprint, stat_files
 from ckptd.config import WatchConfig
 from ckptd.drops import Drop
 from ckptd.errors import CheckpointChanged, SidecarError
@@ -285,7 +285,7 @@ class Detector:
             return None
         observed = _listing(unit) if verdict.unrecognised else verdict.files
         if self._observe(pending, observed + verdict.signals, now):
-            pending.base = unit if unit.is_dir() else unit.parent
+            pending.base = base_of(unit)
         held = pending.hold
         if held is not None and _identities(verdict.files) < _identities(held.files):
             return self._vanished(unit, pending, now)  # its writer is deleting it file by file
@@ -313,7 +313,19 @@ class Detector:
                 log.debug("%s is whole; %s (no close evidence)", unit, reason)
             pending.reason = reason
             return None
+        if not verdict.committed and self._part_still_written(pending):
+            pending.reason = "one of this host's files is still open for writing"
+            return None
         return self._finish(unit, pending, verdict.files, now)
+
+    def _part_still_written(self, pending: _Candidate) -> bool:
+        """A host's part of a multi-host save has no commit marker (but on the coordinator's
+        host): besides the settle window, none of its files may be open for writing, where
+        the kernel can tell (ckptd.writers; with inotify only: remote writers are invisible)."""
+        if self.watch.distributed is None or not self.close_evidence:
+            return False
+        assert pending.base is not None
+        return any(open_for_writing(pending.base / f.name) for f in pending.files)
 
     def _observe(self, pending: _Candidate, files: tuple[FileState, ...], now: float) -> bool:
         """Record what a check saw; True if anything changed since the last one."""
@@ -424,7 +436,7 @@ class Detector:
         self, unit: Path, pending: _Candidate, files: tuple[FileState, ...], info: CheckpointInfo
     ) -> ReadyCheckpoint:
         relpath = unit.relative_to(self.root).as_posix()
-        base = pending.base if pending.base is not None else unit.parent
+        base = pending.base if pending.base is not None else base_of(unit)
         fmt = self.fmt.name
         return ReadyCheckpoint(self.watch, unit, relpath, fmt, files, info, base, pending.hold)
 
@@ -585,7 +597,7 @@ class Detector:
     def _late_sidecar(self, path: Path) -> None:
         """Warn (once) when a sidecar lands after its checkpoint was queued without it."""
         base = path.name.removesuffix(sidecar.SUFFIX)
-        owner = path.parent if path.name == "metrics.json" else None
+        owner = path.parent if path.name == sidecar.INSIDE else None
         for unit in self._done:
             ours = unit == owner or (unit.parent == path.parent and base in (unit.name, unit.stem))
             if ours and unit not in self._pending:

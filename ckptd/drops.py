@@ -34,10 +34,17 @@ REASONS = {
     "crashed": "ckptd failed on it unexpectedly",
     "gave-up": "publishing failed until retry.give_up_after",
     "unrecorded": "logged offline, lost before W&B wrote it, and its snapshot is gone",
+    "unreferenceable": "reference: its file was removed, or its name cannot be in a reference",
+    "partial": "a multi-host step that not every host's part reached within distributed.timeout",
 }
 """Every drop reason, with what it means (for `status` and the metric's help)."""
 
-LOSSES = frozenset({"unreadable", "refused", "invalid", "crashed", "gave-up", "unrecorded"})
+LOSSES = frozenset(
+    {
+        "unreadable", "refused", "invalid", "crashed", "gave-up", "unrecorded",
+        "unreferenceable", "partial",
+    }
+)  # fmt: skip
 """Reasons that lose a checkpoint which was whole on disk: `--once` exits 1 on any of them."""
 
 

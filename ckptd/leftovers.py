@@ -16,7 +16,7 @@ __all__ = ["failures", "left_for_next_start"]
 
 def left_for_next_start(journal: Journal) -> list[str]:
     """Each queued or unconfirmed checkpoint, with why it is not published yet."""
-    queued = journal.rows(states=("ready", "hashed", "published"))
+    queued = journal.rows(states=("ready", "hashed", "upserted", "published"))
     lines = [f"{_name(r)}: {_why_queued(r)}" for r in queued]
     lines += [
         f"{_name(r)}: logged offline, but W&B has not written its record yet"
@@ -46,5 +46,7 @@ def _name(row: Row) -> str:
 def _why_queued(row: Row) -> str:
     if row.state == "published":
         return "published, its aliases and snapshot not yet settled"
+    if row.state == "upserted":
+        return "this host's part is in W&B; its version is not committed yet"
     what = "not hashed yet" if row.state == "ready" else "not published yet"
     return f"{what}; last error: {row.last_error}" if row.last_error else what

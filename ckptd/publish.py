@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ckptd import staging
+from ckptd import references, staging
 from ckptd.config import Config, WatchConfig
 from ckptd.drops import Drop, DropLog
 from ckptd.errors import PublishError
@@ -36,6 +37,9 @@ from ckptd.promote import fired
 from ckptd.retry import GiveUp, Park, Retry, RetryPolicy, next_after_failure
 from ckptd.sinks import Pending, PublishRequest, Sink, SinkFile, VersionFacts
 from ckptd.sinks.metadata import unpublishable
+
+if TYPE_CHECKING:
+    from ckptd.multihost import MultiHost
 
 __all__ = ["Outcome", "Publisher", "Submitted"]
 
@@ -92,6 +96,7 @@ class Publisher:
         # Versions begun and not completed, per collection, in the order they were begun.
         self._in_flight: dict[str, list[Submitted]] = {}
         self._lock = threading.Lock()  # guards _in_flight: begin and complete run on workers
+        self.multihost: MultiHost | None = None  # set by the service for `distributed` entries
 
     def watch_of(self, row: Row) -> WatchConfig:
         return self._watches[(row.collection, row.watch_path)]
@@ -108,6 +113,13 @@ class Publisher:
         assert row.snapshot is not None
         if (problem := staging.verify(Path(row.snapshot), row.files)) is not None:
             return self._supersede(row, f"{problem}; the new content is a checkpoint of its own")
+        if (moved := self._unreferenceable(row, watch)) is not None:
+            kind, detail = moved
+            if kind == "changed":
+                return self._supersede(row, f"{detail}; the new content is a checkpoint of its own")
+            return self._quarantine(row, "unreferenceable", detail)
+        if watch.distributed is not None and self.multihost is not None:
+            return self.multihost.publish(row, watch)  # this host's part of a multi-host version
         twin = self._same_content(row)
         if twin is not None:
             return self._supersede(row, f"same content as {twin}")
@@ -168,7 +180,10 @@ class Publisher:
         remote = self._remote_highest.get(row.collection)
         if remote is not None and remote[0] > step:
             step, version = remote
-        moves = self.sink.capabilities.moves_aliases
+        # Of a multi-host entry's hosts, only the finisher moves aliases.
+        moves = self.sink.capabilities.moves_aliases and (
+            watch.distributed is None or watch.distributed.is_finisher
+        )
         if watch.aliases.latest and version != row.version and step > row.step and moves:
             self._repoint_latest(row, step, version, watch)
         now = self.clock()
@@ -233,12 +248,20 @@ class Publisher:
         watch = self.watch_of(row)
         assert row.snapshot is not None
         snap = Path(row.snapshot)
+        base = references.checkpoint_base(row.source, [f.name for f in row.files])
         info = row.info
         return PublishRequest(
             collection=row.collection,
             type=watch.type,
             files=tuple(
-                SinkFile(f.name, snap / f.name, row.md5s[f.name], f.size) for f in row.files
+                SinkFile(
+                    f.name,
+                    snap / f.name,
+                    row.md5s[f.name],
+                    f.size,
+                    ref=references.reference_of(watch.reference, base / f.name),
+                )
+                for f in row.files
             ),
             aliases=aliases,
             facts=VersionFacts(
@@ -258,6 +281,23 @@ class Publisher:
             ttl=watch.retention.remote.ttl,
             key=_key(row),
         )
+
+    def _unreferenceable(self, row: Row, watch: WatchConfig) -> tuple[str, str] | None:
+        """Why `row` cannot be published as references, else None: ("changed", why) where a
+        file at the checkpoint's path is no longer the one hashed (`reference: file` records
+        the path, not the bytes; an object store's ETag is checked at publishing), or
+        ("unreferenceable", why) where it is gone or its name cannot be a reference."""
+        if watch.reference is None:
+            return None
+        base = references.checkpoint_base(row.source, [f.name for f in row.files])
+        try:
+            for f in row.files:
+                references.reference_of(watch.reference, base / f.name)
+        except ValueError as exc:
+            return "unreferenceable", str(exc)
+        if watch.reference != "file":
+            return None
+        return references.source_changed(base, row.files)
 
     def _quarantine(self, row: Row, reason: str, detail: str) -> Outcome:
         """A permanent problem of this checkpoint alone: `failed` with the reason, a drop,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from ckptd import references
 from ckptd.errors import CkptdError, PublishError
 from ckptd.hashing import md5_b64
 from ckptd.sinks import Sink, StoredFile, StoredVersion
@@ -92,12 +93,15 @@ def restore(
     refs: Iterable[str] = ("latest",),
     if_missing: bool = False,
     reference_roots: Iterable[Path] = (),
+    reference_prefixes: Iterable[str] = (),
 ) -> Restored:
     """Download the first of `refs` (aliases or `vN`) that exists into `dest`.
 
     A version whose files reference data elsewhere is refused unless each reference is an
-    http(s) URL or a `file://` path under one of `reference_roots`: a reference is followed
-    by the sink, so a hostile version could copy any local file into `dest`."""
+    http(s) URL, a `file://` path under one of `reference_roots`, or an object under one of
+    `reference_prefixes` (`s3://bucket/prefix/`): a reference is followed by the sink with
+    the caller's own credentials, so a hostile version could copy any local file, or any
+    object those credentials can read, into `dest`."""
     refs = tuple(refs) or ("latest",)
     if if_missing and has_checkpoint(dest):
         return Restored("skipped", f"{dest} already holds a checkpoint; nothing restored")
@@ -106,7 +110,9 @@ def restore(
         if found is None:
             log.info("%s:%s does not exist", artifact, ref)
             continue
-        refuse_references(found.files, found.label, tuple(reference_roots))
+        refuse_references(
+            found.files, found.label, tuple(reference_roots), tuple(reference_prefixes)
+        )
         files = _download(sink, found, dest)
         return Restored(
             "restored",
@@ -169,9 +175,15 @@ def _download(sink: Sink, version: StoredVersion, dest: Path) -> tuple[str, ...]
     return tuple(names)
 
 
-def refuse_references(files: Iterable[StoredFile], label: str, roots: tuple[Path, ...]) -> None:
+def refuse_references(
+    files: Iterable[StoredFile],
+    label: str,
+    roots: tuple[Path, ...],
+    prefixes: tuple[str, ...] = (),
+) -> None:
     """Raise RestoreError unless every referenced file points where the user allows: an
-    http(s) URL, or a `file://` path that resolves under one of `roots`."""
+    http(s) URL, a `file://` path that resolves under one of `roots`, or an `s3://` or
+    `gs://` object under one of `prefixes`."""
     real_roots = [Path(os.path.realpath(root)) for root in roots]
     for file in sorted(files, key=lambda f: f.name):
         name, ref = file.name, file.ref
@@ -189,14 +201,23 @@ def refuse_references(files: Iterable[StoredFile], label: str, roots: tuple[Path
                 f"{label}: refusing {name!r}: it references {ref}, outside the directories "
                 f"allowed by --allow-reference-root ({allowed})"
             )
+        if url.scheme in references.OBJECT_STORE_SCHEMES:
+            if any(str(ref).startswith(prefix) for prefix in prefixes):
+                continue
+            allowed = ", ".join(prefixes) or "none"
+            raise RestoreError(
+                f"{label}: refusing {name!r}: it references {ref}, outside the prefixes "
+                f"allowed by --allow-reference-root or a watch entry's reference.uri ({allowed})"
+            )
         raise RestoreError(
-            f"{label}: refusing {name!r}: it references {ref}; only http(s) references and "
-            "file:// under --allow-reference-root are followed"
+            f"{label}: refusing {name!r}: it references {ref}; only http(s) references, "
+            "file:// and s3:// or gs:// under --allow-reference-root are followed"
         )
 
 
 def _verify(path: Path, file: StoredFile, label: str) -> None:
-    """The downloaded file has the version's size and md5 (references: size only)."""
+    """The downloaded file has the version's size and md5 (a reference's md5 where the sink
+    knows one: see `StoredFile`)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:

@@ -35,17 +35,19 @@ from ckptd import leftovers
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
-from ckptd.errors import JournalError, PublishError
+from ckptd.errors import CkptdError, JournalError, PublishError
 from ckptd.hashing import Hasher
 from ckptd.inputs import printable
 from ckptd.journal import Journal, NewRow, Row
 from ckptd.metrics import HealthServer, Metrics
+from ckptd.multihost import MultiHost
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
 from ckptd.promote import Promoter
 from ckptd.publish import Outcome, Publisher, Submitted
 from ckptd.retention.run import Retention
 from ckptd.sinks import Sink
+from ckptd.sinks.distributed import parts_of
 from ckptd.sinks.promotion import PromotionTarget
 from ckptd.staging import NotTaken, Stager, Taken, remove
 from ckptd.watcher import Hint, Watcher, observer_kind
@@ -60,7 +62,9 @@ _JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be wri
 # Versions of one collection in flight at once where the sink pipelines: one committing
 # while the next uploads. More would only queue inside the SDK, holding snapshots longer.
 _PIPELINE_DEPTH = 2
-_LIVE = ("ready", "hashed", "published")
+# Rows still to hash or publish ("upserted": a multi-host part waiting for its commit).
+_QUEUED = ("ready", "hashed", "upserted")
+_LIVE = (*_QUEUED, "published")
 
 
 def _threads(workers: int, name: str) -> Executor:
@@ -166,6 +170,8 @@ class Service:
         self.publisher = Publisher(
             self.config, self.journal, self.sink, self.metrics, self.clock, self.drops
         )
+        if any(watch.distributed is not None for watch in self.config.watch):
+            self.publisher.multihost = _multihost(self.publisher, self.sink)
         workers = self.config.upload.workers
         self._hasher.start()
         self._publishers = self.pools.make(workers, "ckptd-publish")
@@ -606,14 +612,14 @@ class Service:
         )
 
     def _next_retry(self, live: Sequence[Row]) -> float:
-        pending = (r for r in live if r.state in ("ready", "hashed"))
+        pending = (r for r in live if r.state in _QUEUED)
         return min((r.next_attempt_at for r in pending if r.next_attempt_at > 0), default=math.inf)
 
     def _reclaim_orphan_snapshots(self) -> None:
         """Drop staging directories that no live journal row points at (a crash between
         snapshot and journal insert, or after publishing)."""
         rows = [
-            *self.journal.rows(states=("ready", "hashed", "failed")),
+            *self.journal.rows(states=(*_QUEUED, "failed")),
             *self.journal.unconfirmed(),
         ]
         live = {r.snapshot for r in rows}
@@ -657,7 +663,7 @@ class Service:
         """Rows still to hash, publish or promote, in collections (and to targets) that
         are not parked."""
         parked = self.journal.parked()
-        rows = self.journal.rows(states=("ready", "hashed", "published"))
+        rows = self.journal.rows(states=_LIVE)
         promoting = {p.checkpoint_id for p in self.promoter.waiting()}
         rows += [self.journal.get(checkpoint) for checkpoint in sorted(promoting)]
         return [r for r in rows if r.collection not in parked]
@@ -676,7 +682,7 @@ class Service:
     def status_line(self) -> str:
         """One line for `systemctl status`: queue depth and the last version published."""
         try:
-            pending = self.journal.count(("ready", "hashed"))
+            pending = self.journal.count(_QUEUED)
             last = self.journal.last_published()
             parked = self.journal.parked()
         except JournalError as exc:
@@ -690,3 +696,14 @@ class Service:
 
     def _once_patience(self) -> float:
         return max((w.settle + w.sidecar.wait for w in self.config.watch), default=0) + 5.0
+
+
+def _multihost(publisher: Publisher, sink: Sink) -> MultiHost:
+    """The publisher of `distributed` entries, on the sink's distributed side."""
+    parts = parts_of(sink)
+    if parts is None:
+        raise CkptdError(
+            "watch[].distributed: this sink cannot merge parts from several hosts "
+            "(W&B online mode can)"
+        )
+    return MultiHost(publisher, parts)

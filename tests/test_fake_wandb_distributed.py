@@ -99,3 +99,45 @@ emit(ok=True)
     versions = server.versions("ckpt", project="ckpt-tests")
     assert [(v.version, v.metadata["step"]) for v in versions] == [("v0", 1), ("v1", 2)]
     assert server.alias_holder("ckpt", "latest", project="ckpt-tests") == "v1"
+
+
+def test_public_api_records_a_runs_config_and_lists_a_groups_runs(
+    server: FakeWandbServer, tmp_path: Path
+) -> None:
+    """The rendezvous the multi-host publisher relies on: `Run.create` + `Run.update()` store
+    a run's config, group and job type; `api.runs(path, filters={"group": ...})` lists only
+    that group's runs with their config, fresh after `api.flush()`."""
+    result = run_sdk(
+        tmp_path,
+        """
+from wandb.apis.public import Run
+api = wandb.Api(timeout=30)
+for rank, group in ((0, "job-1"), (1, "job-1"), (0, "job-2")):
+    Run.create(api, run_id=f"{group}-r{rank}", project=PROJECT, entity=ENTITY)
+    run = api.run(f"{ENTITY}/{PROJECT}/{group}-r{rank}")
+    run.group, run.job_type = group, "ckptd-parts"
+    run.config["ckptd_parts"] = {"rank": rank, "parts": {"5": {"files": {"a": 1}}}}
+    run.update()
+def listed():
+    api.flush()
+    runs = api.runs(f"{ENTITY}/{PROJECT}", filters={"group": "job-1", "jobType": "ckptd-parts"},
+                    lazy=False)
+    return sorted((r.id, r.config["ckptd_parts"]["rank"], r.group) for r in runs)
+before = listed()
+run = api.run(f"{ENTITY}/{PROJECT}/job-1-r1")
+run.config["ckptd_parts"]["parts"]["6"] = {"files": {}}
+run.update()
+after = api.runs(f"{ENTITY}/{PROJECT}", filters={"group": "job-1"}, lazy=False)
+api.flush()
+fresh = api.runs(f"{ENTITY}/{PROJECT}", filters={"group": "job-1"}, lazy=False)
+emit(before=before, steps=sorted(
+    s for r in fresh for s in r.config["ckptd_parts"]["parts"] if r.id == "job-1-r1"))
+""",
+    )
+    assert result == {
+        "before": [["job-1-r0", 0, "job-1"], ["job-1-r1", 1, "job-1"]],
+        "steps": ["5", "6"],
+    }
+    (record,) = [r for r in server.runs() if r.name == "job-2-r0"]
+    assert record.group == "job-2" and record.job_type == "ckptd-parts"
+    assert record.config["ckptd_parts"]["value"]["rank"] == 0

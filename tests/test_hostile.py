@@ -340,7 +340,7 @@ def test_restore_refuses_file_references_outside_the_allowed_roots(tmp_path: Pat
     refuse_references(held, "x:v0", ())
     with pytest.raises(RestoreError, match="file:///etc/passwd"):
         refuse_references([entry("p", "file:///etc/passwd")], "x:v0", ())
-    with pytest.raises(RestoreError, match="only http"):
+    with pytest.raises(RestoreError, match="outside the prefixes allowed"):
         refuse_references([entry("p", "s3://bucket/key")], "x:v0", (allowed,))
     inside = [entry("p", f"file://{allowed}/sub/w.pt"), entry("h", "https://a/b")]
     refuse_references(inside, "x:v0", (allowed,))

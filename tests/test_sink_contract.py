@@ -2,9 +2,10 @@
 
 Each sink is driven through the same calls and must give the same answers: the W&B sink with
 the real SDK against the loopback W&B server, online (and offline where it can: publishing
-and `recorded`), and the in-memory sink that the coordinator's tests publish to. A new sink
-adds a `Harness` here. What a sink cannot do it must say in `capabilities`, and then refuse
-with a permanent PublishError.
+and `recorded`), and the in-memory sink that the coordinator's tests publish to; and the W&B
+sink handed references (`SinkFile.ref`) to files on a shared filesystem and to objects in
+loopback S3. A new sink adds a `Harness` here. What a sink cannot do it must say in
+`capabilities`, and then refuse with a permanent PublishError.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import base64
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ckptd.config import load_config
 from ckptd.errors import PublishError, VersionLinked
-from ckptd.sinks import PublishRequest, Sink, SinkFile, VersionFacts
+from ckptd.sinks import Pending, PublishedVersion, PublishRequest, Sink, SinkFile, VersionFacts
 from ckptd.sinks.memory import MemorySink
 from ckptd.sinks.wandb import WandbSink
 from tests.support.fake_wandb import FakeWandbServer
+from tests.support.s3 import LoopbackS3
 
 PROJECT = "contract"
 _names = itertools.count()
@@ -38,6 +41,7 @@ class Harness:
     fail_deletes: Callable[[], None]  # the next delete fails permanently (403)
     link: Callable[[str, str], None]  # (collection, version): link it into a registry
     stored: Callable[[str], int]  # how many versions the destination created in a collection
+    refs: str | None = None  # the URI prefix the sink is handed references under, if it is
 
 
 def _wandb_config(root: Path, server: FakeWandbServer, mode: str) -> Path:
@@ -96,9 +100,76 @@ def memory() -> Harness:
     return Harness("memory", sink, fail_deletes, link, stored)
 
 
-@pytest.fixture(params=["memory", "wandb-online"])
+class Referencing:
+    """A sink handed references instead of files, as a watch entry with `reference` hands
+    them (`SinkFile.ref`): `refer` first puts each file's bytes where its reference points
+    (the object a mount would have uploaded; on a shared filesystem, the file itself)."""
+
+    def __init__(self, sink: Sink, refer: Callable[[SinkFile], SinkFile]) -> None:
+        self._sink = sink
+        self._refer = refer
+        self.capabilities = sink.capabilities
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sink, name)
+
+    def submit(self, request: PublishRequest) -> Pending:
+        return self._sink.submit(self._referring(request))
+
+    def publish(self, request: PublishRequest) -> PublishedVersion:
+        return self._sink.publish(self._referring(request))
+
+    def _referring(self, request: PublishRequest) -> PublishRequest:
+        return replace(request, files=tuple(self._refer(f) for f in request.files))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackS3]:
+    with LoopbackS3(tmp_path_factory.mktemp("aws")) as store:
+        store.client().create_bucket(Bucket="contract")
+        yield store
+
+
+@pytest.fixture
+def wandb_file_refs(wandb_online: Harness) -> Harness:
+    """W&B holding file:// references (`reference: file`)."""
+
+    def refer(file: SinkFile) -> SinkFile:
+        return replace(file, ref=file.path.as_uri())
+
+    sink = Referencing(wandb_online.sink, refer)
+    return replace(wandb_online, name="wandb-file-refs", sink=sink, refs="file://")
+
+
+@pytest.fixture
+def wandb_s3_refs(
+    wandb_online: Harness, s3: LoopbackS3, monkeypatch: pytest.MonkeyPatch
+) -> Harness:
+    """W&B holding references to objects in loopback S3 (`reference: {uri: s3://...}`)."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    client = s3.client()
+
+    def refer(file: SinkFile) -> SinkFile:
+        key = f"mnt/{file.path.parent.name}/{file.name}"
+        client.put_object(Bucket="contract", Key=key, Body=file.path.read_bytes())
+        return replace(file, ref=f"s3://contract/{key}")
+
+    sink = Referencing(wandb_online.sink, refer)
+    return replace(wandb_online, name="wandb-s3-refs", sink=sink, refs="s3://contract/")
+
+
+_HARNESSES = {
+    "memory": "memory",
+    "wandb-online": "wandb_online",
+    "wandb-file-refs": "wandb_file_refs",
+    "wandb-s3-refs": "wandb_s3_refs",
+}
+
+
+@pytest.fixture(params=list(_HARNESSES))
 def harness(request: pytest.FixtureRequest) -> Harness:
-    harness = request.getfixturevalue("wandb_online" if request.param != "memory" else "memory")
+    harness = request.getfixturevalue(_HARNESSES[request.param])
     assert isinstance(harness, Harness)
     return harness
 
@@ -229,7 +300,8 @@ def test_resolve_and_download_give_back_the_published_bytes(
     assert best is not None and best.version == "v0" and best.label.endswith(f"{collection}:v0")
     (file,) = best.files
     md5 = base64.b64encode(hashlib.md5(b"first").digest()).decode()
-    assert (file.name, file.size, file.md5_b64, file.ref) == ("model.pt", 5, md5, None)
+    assert (file.name, file.size, file.md5_b64) == ("model.pt", 5, md5)
+    assert file.ref is None if harness.refs is None else file.ref.startswith(harness.refs)
     latest = sink.resolve(collection, "v1")
     assert latest is not None
     dest = tmp_path / f"restored-{harness.name}"

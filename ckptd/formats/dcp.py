@@ -3,6 +3,7 @@ the coordinator renames `.metadata` into place after every rank's shards are wri
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from ckptd.formats.checks import check_pickle, guarded
 from ckptd.formats.layout import DirectoryFormat, Memo, direct_files, top_entry
 from ckptd.inputs import open_regular
 
-__all__ = ["DcpFormat", "dcp_problem"]
+__all__ = ["DcpFormat", "dcp_part_problem", "dcp_problem"]
 
 _MARKERS = (".metadata", ".metadata.tmp", "__0_0.distcp")
 _METADATA_LIMIT = 256 << 20
@@ -68,6 +69,43 @@ def dcp_problem(
     return None
 
 
+def dcp_part_problem(
+    directory: Path, files: Mapping[str, FileState], memo: Memo
+) -> tuple[str | None, bool]:
+    """Why this host's part of a multi-host DCP save in `directory` is not whole, and
+    whether a commit marker proves it is.
+
+    A host holds the shards of its own ranks; only the coordinator's host holds `.metadata`,
+    whose rename (after every rank's shards, on every host, were written) commits the save:
+    there the usual marker rules apply, except that the shards it names live on other hosts.
+    Elsewhere nothing marks the end, so shards present and none in flight is a candidate for
+    the settle window (and the detector's check that no file is still open for writing).
+    """
+    if ".metadata.tmp" in files:
+        return ".metadata.tmp present: the save is being committed", False
+    shards = {name: f for name, f in files.items() if name.endswith(".distcp")}
+    if not shards:
+        return "no .distcp shards of this host's ranks yet", False
+    metadata = files.get(".metadata")
+    if metadata is None:
+        return None, False
+    newest = max(shards.values(), key=lambda f: f.mtime_ns)
+    if metadata.mtime_ns + _CLOCK_SKEW_NS < newest.mtime_ns:
+        return f".metadata is older than {newest.name} (left from an earlier save)", False
+    problem = memo.get("pickle", directory / ".metadata", metadata, _pickle_problem)
+    if problem is not None:
+        return f".metadata: {problem}", False
+    return None, True
+
+
+def _has_shard(entry: Path) -> bool:
+    try:
+        with os.scandir(entry) as entries:
+            return any(e.name.endswith(".distcp") for e in entries)
+    except OSError:
+        return False
+
+
 def _pickle_problem(path: Path) -> str | None:
     return guarded(check_pickle, path)
 
@@ -79,7 +117,15 @@ class DcpFormat(DirectoryFormat):
     name = "torch-dcp"
 
     def owns(self, entry: Path) -> bool:
-        return any((entry / marker).exists() for marker in _MARKERS)
+        if any((entry / marker).exists() for marker in _MARKERS):
+            return True
+        # A host of a multi-node job may hold no rank 0 and no `.metadata`: any shard.
+        return self.watch.distributed is not None and _has_shard(entry)
+
+    def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
+        """A host's part without `.metadata` is whole only by the settle window: one of
+        its ranks may not have opened its shard yet while the others are closed."""
+        return self.watch.distributed is None or ".metadata" in direct_files(files)
 
     def unit_for(self, root: Path, path: Path) -> Path | None:
         located = top_entry(root, path)
@@ -90,4 +136,6 @@ class DcpFormat(DirectoryFormat):
         return super().unit_for(root, path)
 
     def judge(self, unit: Path, files: tuple[FileState, ...]) -> tuple[str | None, bool]:
+        if self.watch.distributed is not None:
+            return dcp_part_problem(unit, direct_files(files), self.memo)
         return dcp_problem(unit, direct_files(files), self.memo), True

@@ -13,7 +13,7 @@ from ckptd.formats import is_temp_name, step_from_name
 from ckptd.formats.checks import torch_saved_ints
 from ckptd.formats.layout import DirectoryFormat, Memo, direct_files, read_text
 
-__all__ = ["TRACKER", "DeepSpeedFormat", "deepspeed_problem", "read_tag"]
+__all__ = ["TRACKER", "DeepSpeedFormat", "deepspeed_part_problem", "deepspeed_problem", "read_tag"]
 
 TRACKER = "latest"
 _TAG = re.compile(r"global_step\d+")
@@ -68,6 +68,19 @@ def deepspeed_problem(tag_dir: Path, files: Mapping[str, FileState], memo: Memo)
     return None
 
 
+def deepspeed_part_problem(tag_dir: Path, files: Mapping[str, FileState]) -> str | None:
+    """Why this host's part of a multi-host DeepSpeed save in `tag_dir` is not there yet.
+
+    A host holds the files of its own ranks (ZeRO optimizer shards, per-rank model states),
+    and only rank 0's host the model states and `latest`: the count and gap rules of a whole
+    save span hosts and cannot be checked here, so any rank file is a candidate for the
+    settle window (and the detector's check that no file is still open for writing).
+    """
+    if not any(_MODEL.fullmatch(name) or _OPTIM.fullmatch(name) for name in files):
+        return f"no model or optimizer states of this host's ranks in {tag_dir.name}/ yet"
+    return None
+
+
 class DeepSpeedFormat(DirectoryFormat):
     """`format: deepspeed`. Ready when the tag is structurally complete and `latest` names it
     (or a later tag); `latest` comes before the last shards, so the settle window applies."""
@@ -91,11 +104,15 @@ class DeepSpeedFormat(DirectoryFormat):
         return (unit.parent / TRACKER,)
 
     def conclusive(self, unit: Path, files: tuple[FileState, ...]) -> bool:
-        """Only with the tracker: a save without `latest` is judged by structure and settle."""
-        return (unit.parent / TRACKER).exists()
+        """Only with the tracker: a save without `latest` is judged by structure and settle.
+        A host's part of a multi-node save is judged by the settle window alone."""
+        return self.watch.distributed is None and (unit.parent / TRACKER).exists()
 
     def judge(self, unit: Path, files: tuple[FileState, ...]) -> tuple[str | None, bool]:
-        problem = deepspeed_problem(unit, direct_files(files), self.memo)
+        if self.watch.distributed is not None:
+            problem = deepspeed_part_problem(unit, direct_files(files))
+        else:
+            problem = deepspeed_problem(unit, direct_files(files), self.memo)
         if problem is not None:
             return problem, False
         if not (unit.parent / TRACKER).exists():

@@ -275,6 +275,14 @@ class Journal:
             fields["first_failure_at"] = first_failure_at
         self._move(row_id, None, now, **fields)
 
+    def mark_upserted(self, row_id: int, now: float) -> Row:
+        """`hashed -> upserted`: this host's part of a multi-host version landed at `now`;
+        the version waits for the other hosts' parts and the finisher's commit."""
+        return self._move(
+            row_id, "upserted", now, part_at=now, attempts=0, next_attempt_at=0,
+            first_failure_at=None, last_error=None,
+        )  # fmt: skip
+
     def supersede(self, row_id: int, now: float, reason: str) -> None:
         """The row will never be published: replaced, deleted, or the same content as a
         version. An end state."""

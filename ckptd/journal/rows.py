@@ -29,25 +29,31 @@ __all__ = [
     "encode",
 ]
 
-STATES = ("ready", "hashed", "published", "aliased", "superseded", "failed")
+STATES = ("ready", "hashed", "upserted", "published", "aliased", "superseded", "failed")
 TRANSITIONS = {
     "ready": {"hashed", "superseded", "failed"},
-    "hashed": {"published", "ready", "superseded", "failed"},
+    "hashed": {"published", "upserted", "ready", "superseded", "failed"},
+    # A multi-host entry: this host's part is in W&B's distributed version, which the
+    # finisher commits once every host's part is (ckptd.multihost).
+    "upserted": {"published", "superseded", "failed"},
     "published": {"aliased"},
     "aliased": set(),
     "superseded": set(),
     "failed": {"ready"},
 }
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Each version's change to the one before it; SCHEMA itself stays the version-1 tables, so an
 # existing journal and a new one go through the same steps.
 MIGRATIONS = {
     # 2: an offline publish is "recorded, unconfirmed" (0) until ckptd has read its record
     # back from an offline run file; every earlier row counts as durable.
     2: "ALTER TABLE checkpoints ADD COLUMN durable INTEGER NOT NULL DEFAULT 1",
-    # 3: promotions (ckptd.promote): one row per version and target, `pending` until the
+    # 3: multi-host entries: when this host's part landed in the distributed version (the
+    # finisher's timeout counts from it); rows may now be in state `upserted`.
+    3: "ALTER TABLE checkpoints ADD COLUMN part_at REAL",
+    # 4: promotions (ckptd.promote): one row per version and target, `pending` until the
     # target holds it (`done`), or `failed` once retrying gave up.
-    3: """CREATE TABLE IF NOT EXISTS promotions (
+    4: """CREATE TABLE IF NOT EXISTS promotions (
         id INTEGER PRIMARY KEY,
         checkpoint_id INTEGER NOT NULL,
         collection TEXT NOT NULL,
@@ -174,6 +180,7 @@ class Row:
     detected_at: float
     updated_at: float
     durable: bool = True  # False: logged offline, its record not yet read back from disk
+    part_at: float | None = None  # multi-host: when this host's part landed (upserted)
 
     @property
     def source(self) -> Path:
@@ -277,4 +284,5 @@ def decode(r: sqlite3.Row) -> Row:
         detected_at=r["detected_at"],
         updated_at=r["updated_at"],
         durable=bool(r["durable"]),
+        part_at=r["part_at"],
     )

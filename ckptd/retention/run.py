@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ckptd.checkpoint import FileState
+from ckptd.checkpoint import FileState, base_of
 from ckptd.config import Config, WatchConfig
 from ckptd.errors import PublishError, VersionLinked
 from ckptd.journal import Journal, Row
@@ -146,6 +146,11 @@ class Retention:
                     "allow_offline: true", self.sink.capabilities.limits,
                 )  # fmt: skip
             return None, f"{self.sink.capabilities.limits}; remote retention skipped"
+        if watch.distributed is not None and not watch.distributed.is_finisher:
+            return None, (
+                f"a multi-host entry: the finisher (rank {watch.distributed.finisher}) runs "
+                "remote retention"
+            )
         owner = next(w for w in self.config.watch if w.artifact == collection)
         if owner is not watch:
             return None, f"the versions of {collection} follow the retention of {owner.path}"
@@ -265,7 +270,7 @@ class Retention:
         if problem is not None or row.state != "aliased":
             log.info("retention leaves %s alone: %s", row.source, problem or row.state)
             return False
-        base = _base(row)
+        base = base_of(row.source)
         for f in row.files:
             (base / f.name).unlink(missing_ok=True)
         if base == row.source:  # a directory checkpoint: drop the directories it emptied
@@ -302,11 +307,6 @@ class Retention:
             log.info("retention handled %s after %d failed attempts", target, failure.attempts)
 
 
-def _base(row: Row) -> Path:
-    """The directory a checkpoint's file names are relative to (as the detector had it)."""
-    return row.source if row.source.is_dir() else row.source.parent
-
-
 def _inspect(watch: WatchConfig, row: Row) -> tuple[bool, str | None]:
     """(any file still there, why the files must not be touched or None).
 
@@ -314,7 +314,7 @@ def _inspect(watch: WatchConfig, row: Row) -> tuple[bool, str | None]:
     root with the size and mtime it was published with (a rewrite changes the mtime).
     """
     root = os.path.realpath(watch.path)
-    base = _base(row)
+    base = base_of(row.source)
     present = False
     for f in row.files:
         path = base / f.name

@@ -55,12 +55,17 @@ class Capabilities:
 @dataclass(frozen=True)
 class SinkFile:
     """One file of a checkpoint: its name inside the version, where its bytes are now (the
-    snapshot), and the base64 md5 that ckptd already computed."""
+    snapshot), and the base64 md5 that ckptd already computed.
+
+    With `ref` (a `file://`, `s3://` or `gs://` URI where these same bytes already live) the
+    sink records a reference to it and uploads nothing; it refuses (transient PublishError)
+    an object whose size, or md5 where the store reports one, is not this file's."""
 
     name: str
     path: Path
     md5_b64: str
     size: int
+    ref: str | None = None
 
 
 @dataclass(frozen=True)

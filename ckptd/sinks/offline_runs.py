@@ -152,6 +152,9 @@ def keep_for_sync(run_dir: str, files: tuple[SinkFile, ...]) -> tuple[SinkFile, 
     dest = Path(run_dir).parent / "ckptd-files" / str(time.time_ns())
     kept = []
     for file in files:
+        if file.ref is not None:
+            kept.append(file)  # a reference: `wandb sync` uploads no bytes of it
+            continue
         target = dest / file.name
         target.parent.mkdir(parents=True, exist_ok=True)
         if not staging.try_link(file.path, target):

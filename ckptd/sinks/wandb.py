@@ -24,11 +24,13 @@ import logging
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd import references
 from ckptd.config import Config
 from ckptd.errors import CkptdError, PublishError, VersionLinked
 from ckptd.sidecar import RUN_PATH_SHAPE, valid_run_path
@@ -58,6 +60,7 @@ _RETRY_AFTER = re.compile(r"retry[- ]after\D{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE
 # What the public API says when a collection or a version does not exist (yet, or any more).
 _MISSING_COLLECTION = re.compile(r"could not find artifact type", re.IGNORECASE)
 _MISSING_VERSION = re.compile(r"not found|does not exist|could not find", re.IGNORECASE)
+REFERENCE_MD5 = "ckptd_md5"  # in a reference entry's `extra`: ckptd's md5 of its bytes
 _SDK_RETRIES = 1
 _PROBE_TIMEOUT = 10.0  # seconds for the server to answer at all before a restore
 _API_TIMEOUT = 60  # seconds for each public API call
@@ -304,7 +307,9 @@ class WandbSink:
             raise self._classify(exc, f"looking up {name}") from None
         entries = found.manifest.entries
         files = tuple(
-            StoredFile(path, entry.size, None if entry.ref else entry.digest, entry.ref)
+            StoredFile(
+                path, entry.size, _reference_md5(entry) if entry.ref else entry.digest, entry.ref
+            )
             for path, entry in sorted(entries.items())
         )
         label = f"{entity}/{self.config.wandb.project}/{collection}:{found.version}"
@@ -509,6 +514,7 @@ class WandbSink:
                 entity=self.config.wandb.entity,
                 job_type="checkpoint-upload",
                 name=f"ckptd-{collection}",
+                group=self._group(collection),
                 dir=str(state_dir),
                 reinit="create_new",
                 settings=settings,
@@ -520,6 +526,11 @@ class WandbSink:
         with self._lock:
             self._runs[collection] = run
         return run
+
+    def _group(self, collection: str) -> str | None:
+        """A multi-node job's run group, where the upload runs of its hosts sit together."""
+        groups = (w.distributed for w in self.config.watch if w.artifact == collection)
+        return next((d.group for d in groups if d is not None), None)
 
     def _public_api(self) -> Any:
         if self._api is None:
@@ -613,7 +624,11 @@ def _remote_version(artifact: Any) -> RemoteVersion:
 
 def _add_file(artifact: Any, file: SinkFile) -> None:
     """Add a file with ckptd's own md5 (no re-hash, no copy); fall back to the public call
-    if this SDK's artifact does not take a precomputed digest."""
+    if this SDK's artifact does not take a precomputed digest. A file with a `ref` is added
+    as that reference."""
+    if file.ref is not None:
+        _add_reference(artifact, file, file.ref)
+        return
     add_local = getattr(artifact, "_add_local_file", None)
     if (
         add_local is not None
@@ -625,3 +640,69 @@ def _add_file(artifact: Any, file: SinkFile) -> None:
         )
         return
     artifact.add_file(str(file.path), name=file.name, skip_cache=True, policy="immutable")
+
+
+def _add_reference(artifact: Any, file: SinkFile, ref: str) -> None:
+    """Record `file` as a reference to `ref`, uploading nothing.
+
+    `file://`: with ckptd's md5 (the SDK's checksum would read the file once more).
+    `s3://`, `gs://`: the SDK's `add_reference` asks the store for the object's ETag and
+    size, and they must say the object holds the bytes ckptd detected as finished; where they
+    do not (a mount that has not uploaded the file yet, an object that was replaced), the
+    publish fails as transient and is retried. An ETag is an md5 only for an object uploaded
+    in one part and not encrypted with SSE-KMS or SSE-C; for the others the size is all a
+    store can vouch for. ckptd's own md5 goes into the entry's `extra` (`md5`), for
+    `ckptd restore` to check the bytes it fetches against what was published.
+    """
+    if urllib.parse.urlsplit(ref).scheme == "file":
+        (entry,) = artifact.add_reference(ref, name=file.name, checksum=False)
+        entry.digest = file.md5_b64
+        entry.size = file.size
+        return
+    entries = artifact.add_reference(ref, name=file.name, checksum=True)
+    # A key that is not an object is read by the SDK as a prefix: whatever it lists is wrong.
+    entry = entries[0] if len(entries) == 1 and entries[0].ref == ref else None
+    if entry is None:
+        raise PublishError(f"{file.name}: {ref} is not in the object store", transient=True)
+    if entry.size != file.size:
+        raise PublishError(
+            f"{file.name}: {ref} holds {entry.size} bytes, the finished file {file.size}: "
+            "the mount has not uploaded it (yet)",
+            transient=True,
+        )
+    if references.md5_matches(str(entry.digest), file.md5_b64) is False and _etag_is_md5(ref):
+        raise PublishError(
+            f"{file.name}: {ref} has ETag {entry.digest}, which is not the md5 of the finished "
+            "file: the mount has not uploaded it (yet), or the object was replaced",
+            transient=True,
+        )
+    entry.extra[REFERENCE_MD5] = file.md5_b64
+
+
+def _etag_is_md5(ref: str) -> bool:
+    """Whether the store's digest of object `ref` is the md5 of its bytes when it looks like
+    one: not for S3 objects encrypted with SSE-KMS or SSE-C. Asked only when it differs from
+    the file's md5, with the client settings the wandb SDK's own S3 handler uses."""
+    url = urllib.parse.urlsplit(ref)
+    if url.scheme != "s3":
+        return True  # GCS reports the md5 of the bytes, whatever the encryption
+    import boto3
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=os.getenv("AWS_S3_ENDPOINT_URL"), region_name=os.getenv("AWS_REGION")
+    )
+    head = client.head_object(Bucket=url.netloc, Key=url.path[1:])
+    encrypted = str(head.get("ServerSideEncryption", "")).startswith("aws:kms")
+    return not (encrypted or "SSECustomerAlgorithm" in head)
+
+
+def _reference_md5(entry: Any) -> str | None:
+    """The base64 md5 of the bytes a reference entry points at, where it is known: recorded
+    by ckptd at publishing, or the digest of a `file://` reference (the SDK's is an md5);
+    None for an object's ETag, which is not always an md5 (multipart, SSE-KMS)."""
+    recorded = (entry.extra or {}).get(REFERENCE_MD5)
+    if isinstance(recorded, str):
+        return recorded
+    if str(entry.ref).startswith("file://"):
+        return str(entry.digest)
+    return None

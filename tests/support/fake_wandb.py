@@ -26,7 +26,9 @@ manifest file to be stored, refusal to delete a version that holds aliases unles
 every run whose ``CreateArtifact`` landed on a version (its creator, and any run that declared
 the same content as an output, as ``wandb.Api().run(path).log_artifact(artifact)`` does) is
 one of the version's output runs. Tests create runs with ``wandb.init`` (``UpsertBucket``) or
-with :meth:`FakeWandbServer.create_run`; the public API reads them with the ``Run`` query.
+with :meth:`FakeWandbServer.create_run`; the public API reads them with the ``Run`` query, lists
+a project's runs with ``Runs`` (filtered by group, job type or name) and writes a run's config,
+group and summary with ``UpsertBucket`` naming the run by its storage id (``Run.update()``).
 
 Tests inspect state through snapshots (:meth:`FakeWandbServer.versions`, ...) and inject faults
 (:meth:`FakeWandbServer.inject`). Only the standard library is used.
@@ -53,6 +55,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import shutil
 import socket
@@ -230,6 +233,9 @@ class RunInfo:
     job_type: str | None = None
     logged_artifacts: tuple[str, ...] = ()
     """Ids of the artifact versions the run is an output of (deleted ones too), oldest first."""
+    group: str | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The run's config as stored (``{key: {"value": ..., "desc": ...}}``)."""
 
 
 @dataclass
@@ -315,6 +321,8 @@ class _Run:
     used: list[str] = field(default_factory=list)  # artifact ids, via UseArtifact
     job_type: str | None = None
     created_at: str = field(default_factory=_now)
+    group: str | None = None
+    summary: str | None = None  # summaryMetrics as the client sent them (a JSON string)
 
 
 @dataclass
@@ -774,6 +782,7 @@ class FakeWandbServer:
         self._unknown: list[str] = []
         self._faults: list[Fault] = []
         self._auth_failure = False
+        self._random_faults: tuple[float, random.Random, tuple[Fault, ...]] | None = None
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -1006,6 +1015,8 @@ class FakeWandbServer:
                     complete=r.complete,
                     used_artifacts=tuple(r.used),
                     job_type=r.job_type,
+                    group=r.group,
+                    config=_parse_json_object(r.config),
                     logged_artifacts=tuple(
                         v.id
                         for v in self._state.versions_by_id.values()
@@ -1132,10 +1143,26 @@ class FakeWandbServer:
         return fault
 
     def clear_faults(self) -> None:
-        """Disarm every pending fault (and the auth-failure switch)."""
+        """Disarm every pending fault, the random ones and the auth-failure switch."""
         with self._lock:
             self._faults.clear()
             self._auth_failure = False
+            self._random_faults = None
+
+    def fail_randomly(self, rate: float, seed: int) -> None:
+        """From now on, each GraphQL or storage request fails with probability ``rate``
+        (drawn from ``random.Random(seed)``), as one of: HTTP 500, 503, a reset connection,
+        or a 500 after the request took effect. Until :meth:`clear_faults`."""
+        if not 0 <= rate <= 1:
+            raise ValueError("rate must be within 0..1")
+        kinds = (
+            Fault("*", 500, None, None, False, False, 1),
+            Fault("*", 503, None, None, False, False, 1),
+            Fault("*", None, None, None, True, False, 1),
+            Fault("*", 500, None, None, False, True, 1),
+        )
+        with self._lock:
+            self._random_faults = (rate, random.Random(seed), kinds)
 
     def set_auth_failure(self, failing: bool = True) -> None:
         """While set, every authenticated endpoint answers 401 as for a bad API key."""
@@ -1144,6 +1171,10 @@ class FakeWandbServer:
 
     def _take_fault(self, path: str, operation: str | None) -> Fault | None:
         with self._lock:
+            if self._random_faults is not None and path.startswith(("/graphql", "/storage/")):
+                rate, rng, kinds = self._random_faults
+                if rng.random() < rate:
+                    return rng.choice(kinds)
             for fault in self._faults:
                 if fault.remaining > 0 and fault.matches(path, operation):
                     fault.remaining -= 1
@@ -1224,18 +1255,32 @@ class FakeWandbServer:
 
     def _op_upsert_bucket(self, variables: Json, query: str) -> Json:
         state = self._state
-        project = state.project(variables.get("entity"), variables.get("project"))
-        name = variables.get("name") or variables.get("id") or uuid.uuid4().hex[:8]
-        key = (project.entity, project.name, name)
-        inserted = key not in state.runs
-        if inserted:
-            state.runs[key] = _Run(state.next_id("Run"), project.entity, project.name, name)
-        run = state.runs[key]
+        by_id = None
+        if not variables.get("name") and variables.get("id"):
+            # The public API's Run.update() and summary writes name the run by its storage
+            # id: they update that run and never create one.
+            by_id = next((r for r in state.runs.values() if r.id == variables["id"]), None)
+            if by_id is None:
+                raise GraphQLError(f"upsertBucket: no run with id {variables['id']!r}")
+        if by_id is not None:
+            run, inserted = by_id, False
+            project = state.project(run.entity, run.project)
+        else:
+            project = state.project(variables.get("entity"), variables.get("project"))
+            name = variables.get("name") or variables.get("id") or uuid.uuid4().hex[:8]
+            key = (project.entity, project.name, name)
+            inserted = key not in state.runs
+            if inserted:
+                state.runs[key] = _Run(state.next_id("Run"), project.entity, project.name, name)
+            run = state.runs[key]
         for attr, var in (
             ("display_name", "displayName"),
+            ("display_name", "display_name"),  # the public API's Run.update()
             ("state", "state"),
             ("config", "config"),
             ("job_type", "jobType"),
+            ("group", "groupName"),
+            ("summary", "summaryMetrics"),
         ):
             if variables.get(var) is not None:
                 setattr(run, attr, variables[var])
@@ -1296,7 +1341,11 @@ class FakeWandbServer:
         run = state.runs.get((project.entity, project.name, variables.get("name") or ""))
         if run is None:
             return {"project": {"run": None}}
-        node = {
+        return {"project": {"run": self._run_node(project, run)}}
+
+    def _run_node(self, project: _Project, run: _Run) -> Json:
+        """A run as the public API's RunFragment selects it."""
+        return {
             "__typename": "Run",
             "projectId": _gql_number(project.id),
             "id": run.id,
@@ -1306,7 +1355,7 @@ class FakeWandbServer:
             "sweepName": None,
             "state": run.state or "running",
             "config": run.config or "{}",
-            "group": None,
+            "group": run.group,
             "jobType": run.job_type,
             "commit": None,
             "readOnly": False,
@@ -1315,12 +1364,50 @@ class FakeWandbServer:
             "description": None,
             "notes": None,
             "systemMetrics": "{}",
-            "summaryMetrics": "{}",
+            "summaryMetrics": run.summary or "{}",
             "historyLineCount": 0,
             "user": {"name": "Fake User", "username": self.entity},
             "historyKeys": {"keys": {}, "lastStep": -1},
         }
-        return {"project": {"run": node}}
+
+    def _op_runs(self, variables: Json, query: str) -> Json:
+        """``api.runs(path, filters=...)``: a project's runs in creation order, filtered by
+        equality on group, jobType, name or displayName (other filters are an error, so
+        that a caller relying on one fails loudly)."""
+        state = self._state
+        project = state.find_project(variables.get("entity"), variables.get("project"))
+        if project is None:
+            return {"project": None}
+        filters = _parse_json_object(variables.get("filters"))
+        fields = {"group": "group", "jobType": "job_type", "name": "name",
+                  "displayName": "display_name"}  # fmt: skip
+        unknown = sorted(set(filters) - set(fields))
+        if unknown:
+            raise GraphQLError(f"runs: the fake cannot filter by {unknown}")
+        runs = [
+            r
+            for r in state.runs.values()
+            if (r.entity, r.project) == (project.entity, project.name)
+            and all(getattr(r, fields[key]) == value for key, value in filters.items())
+        ]
+        if variables.get("order") not in (None, "+created_at", "-created_at"):
+            raise GraphQLError(f"runs: the fake cannot order by {variables.get('order')!r}")
+        if variables.get("order") == "-created_at":
+            runs.reverse()
+        start = int(variables.get("cursor") or 0)
+        chunk, info = _page(runs, variables)
+        edges = [
+            {"node": self._run_node(project, r), "cursor": str(start + i + 1)}
+            for i, r in enumerate(chunk)
+        ]
+        return {
+            "project": {
+                "internalId": project.id,
+                "runCount": len(runs),
+                "readOnly": False,
+                "runs": {"edges": edges, "pageInfo": info},
+            }
+        }
 
     def _op_create_run_files(self, variables: Json, query: str) -> Json:
         state = self._state
@@ -1986,6 +2073,11 @@ class FakeWandbServer:
         for index, (name, entry) in enumerate(sorted(version.manifest_entries().items())):
             obj = version.files.get(name)
             url = self._storage_url(obj) if obj else None
+            if entry.get("ref"):
+                # W&B lists a reference entry as a file too, with a non-null URL into its own
+                # storage that holds no bytes (GET answers 404): the SDK's pydantic parsing
+                # needs the string, and the SDK follows the reference instead.
+                url = f"{self.url}/storage/reference-{version.id}-{index}"
             nodes.append(
                 {
                     "__typename": "File",
@@ -2151,6 +2243,7 @@ _OPERATIONS: dict[str, _Operation] = {
     "UpsertBucket": FakeWandbServer._op_upsert_bucket,
     "RunResumeStatus": FakeWandbServer._op_run_resume_status,
     "Run": FakeWandbServer._op_run,
+    "Runs": FakeWandbServer._op_runs,
     "CreateRunFiles": FakeWandbServer._op_create_run_files,
     "MarkRunFilesUploaded": FakeWandbServer._op_mark_run_files_uploaded,
     # Logging artifacts.
