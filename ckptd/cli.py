@@ -27,7 +27,8 @@ from ckptd.config import (
     mask_secrets,
 )
 from ckptd.errors import CkptdError, ConfigError
-from ckptd.journal import Journal
+from ckptd.journal import Journal, PromotionRow
+from ckptd.promote import PARKED_PREFIX
 from ckptd.topology import detect
 
 __all__ = ["main"]
@@ -36,7 +37,7 @@ log = logging.getLogger("ckptd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_DEADLINE = "5m"
-_COMMANDS = ("run", "check", "status", "restore", "gc")
+_COMMANDS = ("run", "check", "status", "restore", "gc", "promote")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     config_arg(gc)
     gc.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
     _restore_parser(commands.add_parser("restore", help="download a published checkpoint"))
+    promote = commands.add_parser(
+        "promote", help="link a published version to a Registry or release it on the Hub"
+    )
+    config_arg(promote)
+    promote.add_argument(
+        "artifact", metavar="ARTIFACT[:ALIAS|:vN]", help="a published version (default :latest)"
+    )
+    promote.add_argument(
+        "--to", required=True, type=_target_arg, metavar="TARGET",
+        help="registry:wandb-registry-<registry>/<collection> or huggingface:<namespace>/<repo>",
+    )  # fmt: skip
+    promote.add_argument(
+        "--alias", action="append", default=[], type=_alias_arg, metavar="A",
+        help="alias of the linked version (registry targets; repeatable)",
+    )  # fmt: skip
     return parser
 
 
@@ -101,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     source = args.config or DEFAULT_CONFIG_PATH
     try:
         config = load_config(args.config)
+        _supported(config, source)
         # A config that cannot run is a config error (exit 2) at start-up. `check` may run
         # where the key is not visible (systemd hands it over inside the unit): it says so.
-        api_key = _key_for(config, source) if args.command == "run" else None
+        api_key = _key_for(config, source) if args.command in ("run", "promote") else None
     except ConfigError as exc:
         print(f"ckptd: invalid configuration {exc.source}:", file=sys.stderr)
         for problem in mask_secrets(exc.problems, os.environ):
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gc(config, dry_run=args.dry_run)
         if args.command == "restore":
             return _restore(config, args)
+        if args.command == "promote":
+            return _promote(config, api_key, args)
         return _run(
             config, api_key, once=args.once, until_file=args.until_file, deadline=args.deadline
         )
@@ -153,7 +172,7 @@ def _run(
     from ckptd.service import Service
     from ckptd.sinks import factory
 
-    setup_logging(config.log.format, config.log.level, [api_key or ""])
+    setup_logging(config.log.format, config.log.level, [api_key or "", *_hub_token(config)])
     # Before any thread or wandb-core starts: they inherit it.
     running_at = lower_priority(config.upload.priority)
     log.info("running at %s (upload.priority: %s)", running_at, config.upload.priority)
@@ -169,7 +188,10 @@ def _run(
         stop.set()
         service.wake.set()
 
-    service = Service(config, lambda c: factory.build(c, api_key))
+    service = Service(
+        config, lambda c: factory.build(c, api_key),
+        promotion_targets=lambda spec: factory.promotion_target(config, spec, api_key),
+    )  # fmt: skip
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     batch = False
     try:
@@ -196,6 +218,58 @@ def _run(
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _hub_token(config: Config) -> list[str]:
+    """The Hugging Face token, to be masked in every log line (never shown)."""
+    from ckptd.sinks.hub import read_token
+
+    try:
+        return [token] if (token := read_token(config)) else []
+    except CkptdError:
+        return []  # an unreadable token file is reported when a release needs it
+
+
+def _target_arg(text: str) -> str:
+    from ckptd.config import parse_target
+
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _promote(config: Config, api_key: str | None, args: argparse.Namespace) -> int:
+    """`ckptd promote ARTIFACT[:REF] --to TARGET`: one version, at once."""
+    from ckptd.logs import setup_logging
+    from ckptd.promote import promote_now
+    from ckptd.sinks import factory
+
+    artifact, _, ref = str(args.artifact).partition(":")
+    setup_logging(config.log.format, config.log.level, [api_key or "", *_hub_token(config)])
+    if args.alias and not args.to.startswith("registry:"):
+        raise CkptdError("--alias applies to registry targets; a Hub release is tagged step-N")
+    sink = factory.build(config, api_key)
+    if not sink.capabilities.reads:
+        sink.close()
+        limits = sink.capabilities.limits
+        raise CkptdError(f"ckptd promote cannot read published versions: {limits}")
+    target = factory.promotion_target(config, args.to, api_key)
+    try:
+        print(promote_now(config, sink, target, artifact, ref or "latest", tuple(args.alias)))
+    finally:
+        target.close()
+        sink.close()
+    return EXIT_OK
+
+
+def _supported(config: Config, source: Path) -> None:
+    """A ConfigError naming each key that asks the destination for what it cannot do."""
+    from ckptd.sinks import factory
+
+    if problems := factory.unsupported(config):
+        raise ConfigError(str(source), problems)
 
 
 def _key_for(config: Config, source: Path) -> str | None:
@@ -235,6 +309,10 @@ def _check(config: Config, source: Path) -> int:
             print(f"    reference: {where} (nothing uploaded; W&B holds references)")
         if watch.distributed is not None:
             print(f"    distributed: {_describe_distributed(watch.distributed)}")
+        for rule in watch.promote:
+            when = f"alias {rule.when.alias}" if rule.when.alias else f"final {rule.when.final}"
+            aliases = f" with {', '.join(rule.aliases)}" if rule.aliases else ""
+            print(f"    promote: when {when} -> {rule.to}{aliases}")
     return EXIT_OK
 
 
@@ -260,8 +338,11 @@ def _status(config: Config) -> int:
         rows = journal.rows()
         parked = journal.parked()
         drops = journal.drops()
+        promotions = journal.promotions()
     finally:
         journal.close()
+    parked_targets = {k: v for k, v in parked.items() if k.startswith(PARKED_PREFIX)}
+    parked = {k: v for k, v in parked.items() if k not in parked_targets}
     collections = sorted(
         {r.collection for r in rows}
         | set(parked)
@@ -292,10 +373,27 @@ def _status(config: Config) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.at))
             detail = f": {drop.detail}" if drop.detail else ""
             print(f"  dropped {drop.path} ({drop.reason}, {when}){detail}")
+    _promotion_status(promotions, parked_targets)
     address = config.state_dir / "metrics.address"
     if address.exists():  # written by a running daemon
         print(f"metrics: http://{address.read_text().strip()}/metrics")
     return EXIT_OK
+
+
+def _promotion_status(promotions: list[PromotionRow], parked: dict[str, tuple[str, float]]) -> None:
+    """One line per target (done, pending, failed), then each pending or failed promotion."""
+    targets = {p.target for p in promotions} | {k.removeprefix(PARKED_PREFIX) for k in parked}
+    for target in sorted(targets):
+        mine = [p for p in promotions if p.target == target]
+        counts = Counter(p.state for p in mine)
+        print(f"promote {target}: {counts['done']} done, {counts['pending']} pending, "
+              f"{counts['failed']} failed")  # fmt: skip
+        if f"{PARKED_PREFIX}{target}" in parked:
+            print(f"  PARKED: {parked[PARKED_PREFIX + target][0]}")
+        for p in mine:
+            if p.state != "done":
+                error = f": {p.last_error}" if p.last_error else ""
+                print(f"  {p.state} {p.collection}:{p.version} (step {p.step}){error}")
 
 
 def _gc(config: Config, *, dry_run: bool) -> int:

@@ -38,8 +38,11 @@ __all__ = [
     "BestRule",
     "Config",
     "DistributedConfig",
+    "HuggingFaceConfig",
     "LocalRetention",
     "ObjectStoreReference",
+    "PromoteRule",
+    "PromoteWhen",
     "RemoteRetention",
     "Size",
     "WatchConfig",
@@ -47,6 +50,7 @@ __all__ = [
     "mask_secrets",
     "parse_duration",
     "parse_size",
+    "parse_target",
     "secret_values",
 ]
 
@@ -275,6 +279,74 @@ class RetentionConfig(_Model):
     local: LocalRetention = LocalRetention()
 
 
+_REGISTRY_TARGET = re.compile(r"^wandb-registry-[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]{1,128}$")
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+TARGET_KINDS = ("registry", "huggingface")
+
+
+class PromoteWhen(_Model):
+    """When a promotion rule fires for a version: `alias` as soon as the version gets that
+    alias at publish (a best rule's alias, a template's, or one its sidecar names); `final`
+    for the version that holds the alias when a batch run (`--once`, `--until-file`) ends."""
+
+    alias: str | None = None
+    final: str | None = None
+
+    _aliases = field_validator("alias", "final")(lambda v: None if v is None else _check_alias(v))
+
+    @model_validator(mode="after")
+    def _one(self) -> PromoteWhen:
+        if (self.alias is None) == (self.final is None):
+            raise ValueError("give exactly one of `alias: NAME` or `final: NAME`")
+        return self
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """`registry:wandb-registry-model/demo` or `huggingface:org/repo` as (kind, where);
+    ValueError naming the accepted forms otherwise."""
+    kind, sep, where = text.partition(":")
+    if sep and kind == "registry" and _REGISTRY_TARGET.match(where):
+        return kind, where
+    if sep and kind == "huggingface" and _HUB_REPO.match(where) and ".." not in where:
+        return kind, where
+    raise ValueError(
+        "a promotion target is registry:wandb-registry-<registry>/<collection> or "
+        f"huggingface:<namespace>/<repo>, got {text!r}"
+    )
+
+
+class PromoteRule(_Model):
+    when: PromoteWhen
+    to: str
+    aliases: tuple[str, ...] = ()  # registry: aliases of the linked version
+
+    @field_validator("to")
+    @classmethod
+    def _target(cls, to: str) -> str:
+        parse_target(to)
+        return to
+
+    _alias_names = field_validator("aliases")(lambda v: tuple(_check_alias(a) for a in v))
+
+    @model_validator(mode="after")
+    def _aliases_for_registry(self) -> PromoteRule:
+        if self.aliases and not self.to.startswith("registry:"):
+            raise ValueError(
+                "`aliases` apply to registry targets; a Hugging Face release is tagged step-N"
+            )
+        return self
+
+
+class HuggingFaceConfig(_Model):
+    token_file: Path | None = None  # else HF_TOKEN
+    endpoint: str | None = None  # else HF_ENDPOINT, else the public Hub
+    private: bool = True  # repositories ckptd creates
+
+    _resolve = field_validator("token_file")(
+        lambda v, info: None if v is None else _resolve_path(v, info)
+    )
+
+
 class ObjectStoreReference(_Model):
     """The watched path is `local`, or under it, and `local` is a mount of the object store
     prefix `uri` (Mountpoint for S3, s3fs, gcsfuse)."""
@@ -389,6 +461,7 @@ class WatchConfig(_Model):
     description: str | None = None
     run_path: str | None = None
     shared: bool = False  # this entry shares its collection with another on purpose
+    promote: tuple[PromoteRule, ...] = ()
     # Record where the files already are instead of uploading them (see ckptd.references).
     reference: Reference | None = None
     distributed: DistributedConfig | None = None  # a multi-node job: one version, many hosts
@@ -500,6 +573,7 @@ class Config(_Model):
     watch: tuple[WatchConfig, ...] = Field(min_length=1)
     metrics: MetricsConfig = MetricsConfig()  # `metrics: null` turns the endpoints off
     log: LogConfig = LogConfig()
+    huggingface: HuggingFaceConfig = HuggingFaceConfig()
 
     _resolve = field_validator("state_dir")(_resolve_path)
 

@@ -49,5 +49,13 @@ class VersionLinked(PublishError):
         super().__init__(message, transient=False)
 
 
+class PromotionRefused(PublishError):
+    """A target cannot take this one version (gone from W&B, no model files): that promotion
+    fails, and the target's other promotions go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 class CheckpointChanged(CkptdError):
     """A checkpoint's files changed or vanished while ckptd was reading them."""

@@ -72,6 +72,12 @@ class Metrics:
         self.retries = Counter(
             "ckptd_retries", "Failed publish attempts by class", ["collection", "kind"], registry=r
         )
+        self.promotions = Counter(
+            "ckptd_promotions",
+            "Promotion attempts by target and outcome: done, retry, parked, failed",
+            ["target", "outcome"],
+            registry=r,
+        )
         self.last_success = Gauge(
             "ckptd_last_success_timestamp_seconds",
             "Unix time of the last publish",

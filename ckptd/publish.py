@@ -34,6 +34,7 @@ from ckptd.journal import Journal, Row
 from ckptd.logs import worth_logging
 from ckptd.metrics import Metrics
 from ckptd.policy import AliasPlan, Candidate, metric_value, plan_aliases
+from ckptd.promote import fired
 from ckptd.retry import GiveUp, Park, Retry, RetryPolicy, next_after_failure
 from ckptd.sinks import Pending, PublishRequest, Sink, SinkFile, VersionFacts
 from ckptd.sinks.metadata import unpublishable
@@ -152,6 +153,7 @@ class Publisher:
             row = self.journal.mark_published(
                 row.id, self.clock(), version=result.version, aliases=plan.aliases,
                 best=plan.best, durable=result.committed,
+                promotions=fired(self.watch_of(row).promote, plan.aliases),
             )  # fmt: skip
         finally:
             with self._lock:

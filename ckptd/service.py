@@ -35,7 +35,7 @@ from ckptd import leftovers
 from ckptd.config import Config
 from ckptd.detect import Detector, ReadyCheckpoint
 from ckptd.drops import Drop, DropLog
-from ckptd.errors import CkptdError, JournalError
+from ckptd.errors import CkptdError, JournalError, PublishError
 from ckptd.hashing import Hasher
 from ckptd.inputs import printable
 from ckptd.journal import Journal, NewRow, Row
@@ -43,10 +43,12 @@ from ckptd.metrics import HealthServer, Metrics
 from ckptd.multihost import MultiHost
 from ckptd.notify import SystemdNotifier
 from ckptd.priority import ReadRate
+from ckptd.promote import Promoter
 from ckptd.publish import Outcome, Publisher, Submitted
 from ckptd.retention.run import Retention
 from ckptd.sinks import Sink
 from ckptd.sinks.distributed import parts_of
+from ckptd.sinks.promotion import PromotionTarget
 from ckptd.staging import NotTaken, Stager, Taken, remove
 from ckptd.watcher import Hint, Watcher, observer_kind
 
@@ -87,6 +89,10 @@ class _Flight:
     done: Future[Outcome] = field(default_factory=Future)
 
 
+def _no_targets(spec: str) -> PromotionTarget:
+    raise PublishError(f"no promotion targets in this daemon: {spec}", transient=False)
+
+
 class Service:
     """ckptd's daemon. Cheap to construct: nothing starts before `start()`."""
 
@@ -96,6 +102,7 @@ class Service:
         sink_factory: Callable[[Config], Sink],
         clock: Callable[[], float] = time.time,
         pools: Pools | None = None,
+        promotion_targets: Callable[[str], PromotionTarget] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -113,6 +120,9 @@ class Service:
         self.publisher: Publisher | None = None
         self.retention: Retention | None = None
         self.metrics = Metrics()
+        self.promoter = Promoter(
+            config, self.journal, promotion_targets or _no_targets, self.wake, clock, self.metrics
+        )
         self.drops = DropLog(self.journal, self.metrics)
         self.health: HealthServer | None = None
         self.notifier = SystemdNotifier.from_env()
@@ -165,6 +175,7 @@ class Service:
         workers = self.config.upload.workers
         self._hasher.start()
         self._publishers = self.pools.make(workers, "ckptd-publish")
+        self.promoter.start(self.pools.make)
         self._stager.start()
         self._reclaim_orphan_snapshots()
         if self.sink.capabilities.confirms_later:
@@ -226,6 +237,8 @@ class Service:
             if self.notifier.enabled:  # the status line costs journal queries
                 self.notifier.tick(now, self.status_line())
             if once and self.idle(now, once_deadline):
+                if self.promoter.plan_final(now):  # the run's final versions go on first
+                    continue
                 break
             if once and now >= max(batch_began, self._last_queued) + deadline:
                 log.warning("--deadline of %.0fs passed: exiting with what is published", deadline)
@@ -283,9 +296,10 @@ class Service:
             self._drain(self.clock() + self.config.upload.shutdown_timeout)
         self._stager.shutdown()
         self._hasher.shutdown()
-        self.abandoned = self._publishing()
+        self.abandoned = self._publishing() or self.promoter.busy()
         if self._publishers is not None:
             self._publishers.shutdown(wait=False, cancel_futures=True)
+        self.promoter.shutdown()
         if self.sink is not None:
             self.sink.close()  # W&B offline: finishing the runs writes their records
         with contextlib.suppress(JournalError):
@@ -297,7 +311,8 @@ class Service:
                 self.publisher.settle_unconfirmed(again=False)
             self.left = leftovers.left_for_next_start(self.journal)
             self.unpublished = [
-                *self.left, *leftovers.failures(self.journal, since=self._started_at)
+                *self.left, *leftovers.failures(self.journal, since=self._started_at),
+                *self.promoter.unfinished(since=self._started_at),
             ]  # fmt: skip
         self.journal.close()
         if self.left:
@@ -341,7 +356,9 @@ class Service:
         live = self.journal.rows(states=_LIVE)  # read once: every stage below works from it
         self._hasher.schedule(now, live)
         self._schedule_publishing(now, live)
+        promotions_due = self.promoter.run_once(now)
         return min(
+            promotions_due,
             min((d.next_due() for d in self.detectors), default=math.inf),
             min(self._next_rescan, default=math.inf),
             self._next_retry(live),
@@ -636,13 +653,19 @@ class Service:
         return None
 
     def _busy(self) -> bool:
-        """Is a copy, a hash, a publish or a retention run under way?"""
-        return bool(self._hasher.in_flight() or self._publishing() or self._stager.in_flight())
+        """Is a copy, a hash, a publish, a retention run or a promotion under way?"""
+        return bool(
+            self._hasher.in_flight() or self._publishing() or self._stager.in_flight()
+            or self.promoter.busy()
+        )  # fmt: skip
 
     def _queued_rows(self) -> list[Row]:
-        """Rows still to hash or publish, in collections that are not parked."""
+        """Rows still to hash, publish or promote, in collections (and to targets) that
+        are not parked."""
         parked = self.journal.parked()
         rows = self.journal.rows(states=_LIVE)
+        promoting = {p.checkpoint_id for p in self.promoter.waiting()}
+        rows += [self.journal.get(checkpoint) for checkpoint in sorted(promoting)]
         return [r for r in rows if r.collection not in parked]
 
     def not_ready(self) -> str | None:

@@ -41,12 +41,15 @@ from ckptd.journal.rows import (
     Deletion,
     Dropped,
     NewRow,
+    PromotionRow,
     Row,
     decode,
     encode,
 )  # fmt: skip
 
-__all__ = ["MAX_STEP", "STATES", "Deletion", "Dropped", "Journal", "NewRow", "Row"]
+__all__ = [
+    "MAX_STEP", "STATES", "Deletion", "Dropped", "Journal", "NewRow", "PromotionRow", "Row",
+]  # fmt: skip
 
 
 MAX_STEP = 2**63 - 1  # SQLite's INTEGER; sidecar and name parsing keep steps within it
@@ -344,10 +347,13 @@ class Journal:
         aliases: Iterable[str],
         best: Mapping[str, float],
         durable: bool = True,
+        promotions: Iterable[tuple[str, tuple[str, ...]]] = (),
     ) -> Row:
         """`hashed -> published` and the best aliases it won, in one transaction: a crash
         can never leave a published version whose best-so-far value was not recorded.
-        `durable=False`: the sink logged it but cannot vouch for it yet (W&B offline)."""
+        `durable=False`: the sink logged it but cannot vouch for it yet (W&B offline).
+        `promotions` ((target, aliases) the version's aliases fired) are queued with it, so
+        that a crash between publish and promotion still promotes it once."""
         fields: dict[str, object] = {
             "version": version, "aliases": tuple(aliases), "last_error": None,
             "next_attempt_at": 0, "durable": int(durable),
@@ -360,6 +366,9 @@ class Journal:
                     "DO UPDATE SET checkpoint_id = excluded.checkpoint_id, value = excluded.value",
                     (row.collection, alias, row_id, value),
                 )
+            if version is not None:
+                for target, target_aliases in promotions:
+                    self._queue_promotion(db, row, version, target, target_aliases, now)
         return row
 
     def confirm(self, row_id: int, now: float) -> None:
@@ -425,6 +434,56 @@ class Journal:
         """The candidate at `path` was queued after all: its drops no longer stand."""
         with self._tx() as db:
             db.execute("DELETE FROM dropped WHERE collection = ? AND path = ?", (collection, path))
+
+    # -- promotions (ckptd.promote) ---------------------------------------------------
+
+    def queue_promotion(
+        self, checkpoint_id: int, target: str, aliases: tuple[str, ...], now: float
+    ) -> bool:
+        """Queue the promotion of a published checkpoint's version to `target`; False if
+        that version was queued for that target before (a rule fires once per version)."""
+        with self._tx() as db:
+            found = db.execute("SELECT * FROM checkpoints WHERE id = ?", (checkpoint_id,))
+            row = decode(found.fetchone())
+            if row.version is None:
+                raise JournalError(f"{self.path}: checkpoint #{checkpoint_id} has no version")
+            return self._queue_promotion(db, row, row.version, target, aliases, now)
+
+    def _queue_promotion(
+        self,
+        db: sqlite3.Connection,
+        row: Row,
+        version: str,
+        target: str,
+        aliases: tuple[str, ...],
+        now: float,
+    ) -> bool:
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO promotions (checkpoint_id, collection, version, step, "
+            "target, aliases, state, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (row.id, row.collection, version, row.step, target, json.dumps(list(aliases)),
+             now, now),
+        )  # fmt: skip
+        return bool(cursor.rowcount)
+
+    def promotions(
+        self, states: Iterable[str] = ("pending", "done", "failed")
+    ) -> list[PromotionRow]:
+        """Promotions in the given states, oldest first."""
+        wanted = tuple(states)
+        marks = ", ".join("?" for _ in wanted)
+        rows = self._query(f"SELECT * FROM promotions WHERE state IN ({marks}) ORDER BY id", wanted)
+        return [PromotionRow.decode(r) for r in rows]
+
+    def update_promotion(self, promotion_id: int, now: float, **fields: Any) -> None:
+        """Set fields of a promotion (`state`, retry bookkeeping, `result`)."""
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE promotions SET updated_at = ?, {assignments} WHERE id = ?",
+                (now, *fields.values(), promotion_id),
+            )
 
     # -- reading ----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ __all__ = [
     "Deletion",
     "Dropped",
     "NewRow",
+    "PromotionRow",
     "Row",
     "decode",
     "encode",
@@ -40,7 +41,7 @@ TRANSITIONS = {
     "superseded": set(),
     "failed": {"ready"},
 }
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Each version's change to the one before it; SCHEMA itself stays the version-1 tables, so an
 # existing journal and a new one go through the same steps.
 MIGRATIONS = {
@@ -50,6 +51,26 @@ MIGRATIONS = {
     # 3: multi-host entries: when this host's part landed in the distributed version (the
     # finisher's timeout counts from it); rows may now be in state `upserted`.
     3: "ALTER TABLE checkpoints ADD COLUMN part_at REAL",
+    # 4: promotions (ckptd.promote): one row per version and target, `pending` until the
+    # target holds it (`done`), or `failed` once retrying gave up.
+    4: """CREATE TABLE IF NOT EXISTS promotions (
+        id INTEGER PRIMARY KEY,
+        checkpoint_id INTEGER NOT NULL,
+        collection TEXT NOT NULL,
+        version TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        target TEXT NOT NULL,
+        aliases TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        first_failure_at REAL,
+        last_error TEXT,
+        result TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (checkpoint_id, target)
+    )""",
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -192,6 +213,36 @@ class Dropped:
     reason: str
     detail: str
     at: float
+
+
+@dataclass(frozen=True)
+class PromotionRow:
+    """One promotion of a published version to a target (ckptd.promote), as journaled."""
+
+    id: int
+    checkpoint_id: int
+    collection: str
+    version: str
+    step: int
+    target: str
+    aliases: tuple[str, ...]
+    state: str  # pending | done | failed
+    attempts: int
+    next_attempt_at: float
+    first_failure_at: float | None
+    last_error: str | None
+    result: str | None
+    updated_at: float
+
+    @classmethod
+    def decode(cls, r: sqlite3.Row) -> PromotionRow:
+        return cls(
+            id=r["id"], checkpoint_id=r["checkpoint_id"], collection=r["collection"],
+            version=r["version"], step=r["step"], target=r["target"],
+            aliases=tuple(json.loads(r["aliases"])), state=r["state"], attempts=r["attempts"],
+            next_attempt_at=r["next_attempt_at"], first_failure_at=r["first_failure_at"],
+            last_error=r["last_error"], result=r["result"], updated_at=r["updated_at"],
+        )  # fmt: skip
 
 
 _JSON_FIELDS = {"files", "info", "md5s", "aliases"}

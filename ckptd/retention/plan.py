@@ -10,7 +10,8 @@ Remote rules (`retention.remote`), in the order they are checked; the first that
 version is its reason:
 
 1. A version without ckptd's metadata (no `step`) was not published by ckptd: kept.
-2. A version linked to a registry (another collection) is kept.
+2. A version linked to a registry (another collection), or queued for a promotion that has
+   not landed yet (ckptd.promote), is kept.
 3. A version holding an alias that matches a `protect` glob (fnmatch, case-sensitive) is kept.
 4. A version holding an alias ckptd does not manage is kept. ckptd manages `latest`, the
    aliases its `templates` render (`step-{step}` matches `step-` followed by anything) and the
@@ -233,6 +234,8 @@ def _remote_keep_reason(
         return "not published by ckptd (no step in its metadata)"
     if v.linked:
         return "linked to a registry"
+    if v.promoting:
+        return "queued for promotion"
     if (why := _alias_keeps(v.aliases, policy)) is not None:
         return why
     if rules.keep_last is None:

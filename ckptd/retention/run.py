@@ -171,7 +171,14 @@ class Retention:
             linked = {v for c, v in self._linked if c == watch.artifact}
         if versions is None:
             return None
-        return tuple(replace(v, linked=True) if v.version in linked else v for v in versions)
+        promoting = {
+            p.version for p in self.journal.promotions(("pending",))
+            if p.collection == watch.artifact
+        }  # fmt: skip
+        return tuple(
+            replace(v, linked=v.linked or v.version in linked, promoting=v.version in promoting)
+            for v in versions
+        )
 
     def _find_links(self, watch: WatchConfig, decided: RetentionPlan, now: float) -> bool:
         """Ask the sink about registry links of every version the plan deletes (a listing

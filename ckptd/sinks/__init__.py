@@ -140,6 +140,7 @@ class RemoteVersion:
     size: int
     linked: bool = False
     metrics: Mapping[str, Any] = field(default_factory=dict)  # as ckptd recorded them
+    promoting: bool = False  # a promotion of it is queued (ckptd.promote); set by retention
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ class StoredVersion:
     label: str
     files: tuple[StoredFile, ...]
     handle: Any = None  # the sink's own object, for `download`
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # sinks.metadata decodes it
+    url: str | None = None  # where a person sees it, if the destination has such a page
 
 
 class Sink(Protocol):

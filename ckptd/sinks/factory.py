@@ -12,8 +12,12 @@ from collections.abc import Mapping
 from ckptd.config import Config
 from ckptd.errors import CkptdError
 from ckptd.sinks import Sink
+from ckptd.sinks.promotion import PromotionTarget
 
-__all__ = ["api_key", "build", "missing_credentials", "reader", "restore_config"]
+__all__ = [
+    "api_key", "build", "missing_credentials", "promotion_target", "reader", "restore_config",
+    "unsupported",
+]  # fmt: skip
 
 
 def api_key(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
@@ -33,11 +37,31 @@ def missing_credentials(config: Config, key: str | None) -> str | None:
     return None
 
 
+def unsupported(config: Config) -> list[str]:
+    """What the config asks of the destination that it cannot do, one line per key."""
+    if config.wandb.mode == "online":
+        return []
+    return [
+        f"watch[{index}].promote: promotion needs wandb.mode online (offline versions get "
+        "their numbers only at `wandb sync`)"
+        for index, watch in enumerate(config.watch)
+        if watch.promote
+    ]
+
+
 def build(config: Config, key: str | None) -> Sink:
     """The sink the daemon, `ckptd gc` and `ckptd promote` publish to."""
     from ckptd.sinks.wandb import WandbSink
 
     return WandbSink(config, key)
+
+
+def promotion_target(config: Config, spec: str, key: str | None) -> PromotionTarget:
+    """The promotion target `spec` (`registry:...`, `huggingface:...`) of the daemon and of
+    `ckptd promote`; a Hub release reads the version's bytes from the sink `build` makes."""
+    from ckptd.sinks.promotion import open_target
+
+    return open_target(config, spec, key, build(config, key))
 
 
 def restore_config(

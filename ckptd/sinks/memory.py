@@ -194,7 +194,9 @@ class MemorySink:
                         for name, (data, md5) in sorted(stored.files.items())
                     )
                     label = f"memory/{collection}:{stored.version}"
-                    return StoredVersion(collection, stored.version, label, files, stored)
+                    return StoredVersion(
+                        collection, stored.version, label, files, stored, stored.metadata
+                    )
         return None
 
     def download(self, version: StoredVersion, dest: Path) -> None:

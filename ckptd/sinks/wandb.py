@@ -262,6 +262,11 @@ class WandbSink:
         except Exception as exc:
             raise self._classify(exc, f"looking up {collection}:{version}") from exc
 
+    def classify(self, exc: BaseException, doing: str) -> PublishError:
+        """`exc`, raised by the SDK while `doing` something, as a PublishError that says
+        whether a retry can help; the API key masked."""
+        return self._classify(exc, doing)
+
     def resolve(self, collection: str, ref: str) -> StoredVersion | None:
         if not self.online:
             raise PublishError(
@@ -308,7 +313,10 @@ class WandbSink:
             for path, entry in sorted(entries.items())
         )
         label = f"{entity}/{self.config.wandb.project}/{collection}:{found.version}"
-        return StoredVersion(collection, found.version, label, files, handle=found)
+        return StoredVersion(
+            collection, found.version, label, files, handle=found,
+            metadata=found.metadata or {}, url=getattr(found, "url", None),
+        )  # fmt: skip
 
     def download(self, version: StoredVersion, dest: Path) -> None:
         try:

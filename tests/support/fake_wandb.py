@@ -76,10 +76,12 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 __all__ = [
     "API_KEY",
     "DEFAULT_ENTITY",
+    "DEFAULT_ORG",
     "CollectionInfo",
     "FakeWandbServer",
     "Fault",
     "GraphQLError",
+    "RegistryMember",
     "RequestRecord",
     "RunInfo",
     "TimedRequest",
@@ -93,6 +95,7 @@ API_KEY = "fakewandbtestkey" + "0" * 24
 """The 40-character API key the server accepts by default."""
 
 DEFAULT_ENTITY = "fake-entity"
+DEFAULT_ORG = "fake-org"  # the organization of the default entity; registries live under it
 """The viewer's entity, used when a request names none."""
 
 _CHUNK = 1024 * 1024
@@ -192,6 +195,22 @@ class CollectionInfo:
     description: str | None
     version_count: int
     """Versions ever created, deleted ones included (the next index)."""
+
+
+@dataclass(frozen=True)
+class RegistryMember:
+    """A snapshot of one version linked into a registry collection (a portfolio)."""
+
+    index: int
+    """Its version number within the registry collection (``v<index>``)."""
+    source: str
+    """The linked version as ``collection:vN`` of its source collection."""
+    aliases: frozenset[str]
+    metadata: Mapping[str, Any]
+
+    @property
+    def version(self) -> str:
+        return f"v{self.index}"
 
 
 @dataclass(frozen=True)
@@ -352,6 +371,32 @@ class _Version:
 
 
 @dataclass
+class _Membership:
+    """One version linked into a portfolio: its own index there and its own aliases."""
+
+    version: _Version
+    index: int
+    created_at: str
+    aliases: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Portfolio:
+    """A registry collection (``ArtifactPortfolio``): versions of other collections, linked."""
+
+    id: str
+    entity: str  # the organization's entity
+    project: str  # wandb-registry-<name>
+    name: str
+    type: str
+    created_at: str
+    members: list[_Membership] = field(default_factory=list)
+
+    def member(self, version: _Version) -> _Membership | None:
+        return next((m for m in self.members if m.version is version), None)
+
+
+@dataclass
 class _Collection:
     id: str
     entity: str
@@ -390,6 +435,7 @@ class _State:
         self.client_ids: dict[str, str] = {}
         self.alias_ids: dict[tuple[str, str], str] = {}  # (collection id, alias) -> id
         self.created_versions = 0
+        self.portfolios: dict[tuple[str, str, str], _Portfolio] = {}  # (org entity, p, name)
 
     def next_id(self, kind: str) -> str:
         self.counter += 1
@@ -429,10 +475,62 @@ class _State:
         return collection.holder(alias)
 
     def alias_id(self, collection: _Collection, alias: str) -> str:
-        key = (collection.id, alias)
+        return self.alias_id_in(collection.id, alias)
+
+    def alias_id_in(self, collection_id: str, alias: str) -> str:
+        key = (collection_id, alias)
         if key not in self.alias_ids:
             self.alias_ids[key] = self.next_id("ArtifactAlias")
         return self.alias_ids[key]
+
+    def link(
+        self, version: _Version, entity: str, registry: str, name: str, aliases: list[str]
+    ) -> tuple[_Portfolio, _Membership]:
+        """Link ``version`` into the portfolio ``entity/registry/name`` (created on first
+        use) as W&B does: one membership per version and portfolio (linking again returns
+        it), each alias unique within the portfolio, ``latest`` on the newest membership."""
+        if not registry.startswith("wandb-registry-"):
+            raise GraphQLError(f"{registry!r} is not a registry project")
+        key = (entity, registry, name)
+        portfolio = self.portfolios.get(key)
+        if portfolio is None:
+            portfolio = _Portfolio(
+                self.next_id("ArtifactPortfolio"), entity, registry, name,
+                version.collection.type, _now(),
+            )  # fmt: skip
+            self.portfolios[key] = portfolio
+            self.artifact_type(self.project(entity, registry), portfolio.type)
+        member = portfolio.member(version)
+        if member is None:
+            member = _Membership(version, len(portfolio.members), _now())
+            portfolio.members.append(member)
+            version.links.append((entity, registry, name))
+            for other in portfolio.members:
+                other.aliases.discard("latest")
+            member.aliases.add("latest")
+        for alias in aliases:
+            if _VERSION_RE.match(alias) or not alias or len(alias) > 128:
+                raise GraphQLError(f"invalid alias {alias!r}")
+            for other in portfolio.members:
+                other.aliases.discard(alias)
+            member.aliases.add(alias)
+        return portfolio, member
+
+    def memberships(self, version: _Version) -> list[tuple[_Portfolio, _Membership]]:
+        """Each registry collection ``version`` is linked into, with its membership there."""
+        found = []
+        for key in version.links:
+            member = self.portfolios[key].member(version)
+            assert member is not None
+            found.append((self.portfolios[key], member))
+        return found
+
+    def resolve_member(self, portfolio: _Portfolio, ref: str) -> _Membership | None:
+        """A live member of ``portfolio`` by ``vN`` or by alias."""
+        live = [m for m in portfolio.members if m.version.state != "DELETED"]
+        if match := _VERSION_RE.match(ref):
+            return next((m for m in live if m.index == int(match.group(1))), None)
+        return next((m for m in live if ref in m.aliases), None)
 
     def set_alias(self, version: _Version, alias: str) -> None:
         """Give ``alias`` to ``version``, taking it from any other version of the collection."""
@@ -533,7 +631,18 @@ def _artifact_json(state: _State, version: _Version) -> Json:
         "fileCount": len(version.manifest_entries()),
         "createdAt": version.created_at,
         "updatedAt": version.updated_at,
-        "aliases": [_alias_json(state, version, a) for a in sorted(version.aliases)],
+        "aliases": [_alias_json(state, version, a) for a in sorted(version.aliases)]
+        + [
+            {
+                "__typename": "ArtifactAlias",
+                "id": state.alias_id_in(portfolio.id, alias),
+                "alias": alias,
+                "artifactCollectionName": portfolio.name,
+                "artifactCollection": _portfolio_info_json(state, portfolio),
+            }
+            for portfolio, member in state.memberships(version)
+            for alias in sorted(member.aliases)
+        ],
     }
 
 
@@ -560,6 +669,33 @@ def _membership_json(state: _State, version: _Version) -> Json:
         ],
         "artifactCollection": _collection_info_json(state, version.collection),
         "artifact": _artifact_json(state, version),
+    }
+
+
+def _portfolio_info_json(state: _State, portfolio: _Portfolio) -> Json:
+    return {
+        "__typename": "ArtifactPortfolio",
+        "id": portfolio.id,
+        "name": portfolio.name,
+        "project": _project_json(state.project(portfolio.entity, portfolio.project)),
+    }
+
+
+def _link_membership_json(state: _State, portfolio: _Portfolio, member: _Membership) -> Json:
+    """A version as a member of a registry collection: its index and aliases there."""
+    return {
+        "__typename": "ArtifactCollectionMembership",
+        "id": base64.b64encode(
+            f"ArtifactCollectionMembership:{portfolio.id}:{member.index}".encode()
+        ).decode(),
+        "versionIndex": member.index,
+        "createdAt": member.created_at,
+        "aliases": [
+            {"__typename": "ArtifactAlias", "id": state.alias_id_in(portfolio.id, a), "alias": a}
+            for a in sorted(member.aliases)
+        ],
+        "artifactCollection": _portfolio_info_json(state, portfolio),
+        "artifact": _artifact_json(state, member.version),
     }
 
 
@@ -632,6 +768,7 @@ class FakeWandbServer:
         self.api_key = api_key
         self.entity = entity
         self.features = dict(features or {})
+        self.org = DEFAULT_ORG
         self.dedup_files = dedup_files
         self.aliases_on_commit = aliases_on_commit
         self.discard_uploads = discard_uploads
@@ -841,7 +978,26 @@ class FakeWandbServer:
             if collection is None or found is None:
                 raise LookupError(f"no live version {name}:{ref}")
             registry, _, portfolio = target.partition("/")
-            found.links.append((collection.entity, registry, portfolio))
+            self._state.link(found, self.org, registry, portfolio, [])
+
+    def registry(self, target: str) -> list[RegistryMember]:
+        """The versions linked into the registry collection ``target``
+        (``"wandb-registry-model/demo"``), in link order; [] if it does not exist."""
+        registry, _, name = target.partition("/")
+        with self._lock:
+            portfolio = self._state.portfolios.get((self.org, registry, name))
+            if portfolio is None:
+                return []
+            return [
+                RegistryMember(
+                    index=m.index,
+                    source=f"{m.version.collection.name}:{m.version.version}",
+                    aliases=frozenset(m.aliases),
+                    metadata=dict(m.version.metadata),
+                )
+                for m in portfolio.members
+                if m.version.state != "DELETED"
+            ]
 
     def runs(self) -> list[RunInfo]:
         """All runs created by ``UpsertBucket``, in creation order."""
@@ -1609,10 +1765,48 @@ class FakeWandbServer:
     def _op_membership_by_name(self, variables: Json, query: str) -> Json:
         state = self._state
         name, _, ref = str(variables.get("name") or "").partition(":")
-        collection = state.collection(variables.get("entity"), variables.get("project"), name)
+        entity, project = variables.get("entity"), variables.get("project")
+        portfolio = state.portfolios.get((entity or "", project or "", name))
+        if portfolio is not None:  # a registry collection: a link, with its own index
+            member = state.resolve_member(portfolio, ref or "latest")
+            found = _link_membership_json(state, portfolio, member) if member else None
+            return {"project": {"artifactCollectionMembership": found}}
+        collection = state.collection(entity, project, name)
         version = state.resolve(collection, ref or "latest") if collection else None
         membership = _membership_json(state, version) if version else None
         return {"project": {"artifactCollectionMembership": membership}}
+
+    def _op_fetch_org_info(self, variables: Json, query: str) -> Json:
+        """The default entity is a personal entity in one organization; the organization's
+        own entity is a team entity of that organization."""
+        org = {"name": self.org, "orgEntity": {"name": self.org}}
+        name = variables.get("entity")
+        if name == self.entity:
+            return {"entity": {"organization": None, "user": {"organizations": [org]}}}
+        if name == self.org:
+            return {"entity": {"organization": org, "user": None}}
+        return {"entity": None}
+
+    def _op_link_artifact(self, variables: Json, query: str) -> Json:
+        inp: Json = variables.get("input") or {}
+        state = self._state
+        version = state.version(inp.get("artifactID"))
+        if version.state != "COMMITTED":
+            raise GraphQLError(f"artifact {version.id} is not committed")
+        entity, registry = inp.get("entityName"), inp.get("projectName") or ""
+        if entity != self.org:
+            raise GraphQLError(f"entity {entity!r} is not an organization")
+        name = inp.get("artifactPortfolioName") or ""
+        aliases = []
+        for alias in inp.get("aliases") or []:
+            if alias.get("artifactCollectionName") not in (None, name):
+                raise GraphQLError(f"alias {alias!r} names another collection than {name!r}")
+            aliases.append(str(alias.get("alias") or ""))
+        portfolio, member = state.link(version, entity, registry, name, aliases)
+        result: Json = {"versionIndex": member.index}
+        if "artifactMembership" in query:
+            result["artifactMembership"] = _link_membership_json(state, portfolio, member)
+        return {"result": result}
 
     def _typed_collection(self, variables: Json) -> _Collection | None:
         collection = self._state.collection(
@@ -1639,7 +1833,33 @@ class FakeWandbServer:
             "createdAt": project.created_at,
         }
 
+    def _typed_portfolio(self, variables: Json) -> _Portfolio | None:
+        name = variables.get("name") or variables.get("collection") or ""
+        key = (variables.get("entity") or "", variables.get("project") or "", name)
+        portfolio = self._state.portfolios.get(key)
+        if portfolio is None or portfolio.type != variables.get("type"):
+            return None
+        return portfolio
+
+    def _portfolio_json(self, portfolio: _Portfolio) -> Json:
+        return {
+            **_portfolio_info_json(self._state, portfolio),
+            "description": None,
+            "createdAt": portfolio.created_at,
+            "updatedAt": portfolio.created_at,
+            "type": {"name": portfolio.type},
+            "defaultArtifactType": {"name": portfolio.type},
+            "tags": {"edges": []},
+            "state": "READY",
+        }
+
     def _op_project_artifact_collection(self, variables: Json, query: str) -> Json:
+        portfolio = self._typed_portfolio(variables)
+        if portfolio is not None:  # a registry collection
+            type_json = self._type_json(variables)
+            assert type_json is not None
+            type_json["artifactCollection"] = self._portfolio_json(portfolio)
+            return {"project": {"artifactType": type_json}}
         collection = self._typed_collection(variables)
         type_json = self._type_json(variables)
         if type_json is not None:
@@ -1688,8 +1908,29 @@ class FakeWandbServer:
             type_json["artifactCollections"] = connection
         return {"project": {"artifactType": type_json}}
 
+    def _portfolio_artifacts(self, portfolio: _Portfolio, variables: Json) -> Json:
+        """A registry collection's versions: its own numbers, the linked artifacts."""
+        members = [m for m in portfolio.members if m.version.state == "COMMITTED"]
+        order = str(variables.get("order") or "-createdAt")
+        members.sort(key=lambda m: m.index, reverse=not order.startswith("+"))
+        chunk, info = _page(members, variables)
+        edges = [
+            {"version": f"v{m.index}", "node": _artifact_json(self._state, m.version)}
+            for m in chunk
+        ]
+        type_json = self._type_json(variables)
+        assert type_json is not None
+        type_json["artifactCollection"] = {
+            **self._portfolio_json(portfolio),
+            "artifacts": {"totalCount": len(members), "pageInfo": info, "edges": edges},
+        }
+        return {"project": {"artifactType": type_json}}
+
     def _op_project_artifacts(self, variables: Json, query: str) -> Json:
         state = self._state
+        portfolio = self._typed_portfolio(variables)
+        if portfolio is not None:
+            return self._portfolio_artifacts(portfolio, variables)
         collection = self._typed_collection(variables)
         type_json = self._type_json(variables)
         if type_json is None:
@@ -1809,21 +2050,11 @@ class FakeWandbServer:
         if version is None or version.state == "DELETED":
             return {"artifact": None}
         nodes = [_membership_json(self._state, version)]
-        for index, (entity, registry, portfolio) in enumerate(version.links):
-            project = self._state.project(entity, registry)
-            nodes.append(
-                {
-                    "versionIndex": index,
-                    "createdAt": version.updated_at,
-                    "aliases": [],
-                    "artifactCollection": {
-                        "__typename": "ArtifactPortfolio",
-                        "id": _gql_id("ArtifactPortfolio", index + 1),
-                        "name": portfolio,
-                        "project": _project_json(project),
-                    },
-                }
-            )
+        for key in version.links:
+            portfolio = self._state.portfolios[key]
+            member = portfolio.member(version)
+            assert member is not None
+            nodes.append(_link_membership_json(self._state, portfolio, member))
         return {"artifact": {"artifactMemberships": {"edges": [{"node": n} for n in nodes]}}}
 
     # Manifests and file URLs.
@@ -2041,6 +2272,8 @@ _OPERATIONS: dict[str, _Operation] = {
     "UpdateArtifact": FakeWandbServer._op_update_artifact,
     "DeleteArtifact": FakeWandbServer._op_delete_artifact,
     "FetchLinkedArtifacts": FakeWandbServer._op_fetch_linked_artifacts,
+    "FetchOrgInfoFromEntity": FakeWandbServer._op_fetch_org_info,
+    "LinkArtifact": FakeWandbServer._op_link_artifact,
     # Manifests and downloads.
     "FetchArtifactManifest": FakeWandbServer._op_artifact_manifest,
     "ArtifactManifest": FakeWandbServer._op_artifact_manifest,
