@@ -77,6 +77,22 @@ def _migrate(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
+# A row that moved on: no failure of an earlier attempt is left on it.
+_NO_FAILURE: dict[str, object] = {
+    "attempts": 0, "next_attempt_at": 0, "first_failure_at": None, "last_error": None,
+}  # fmt: skip
+
+
+def _failure(error: str, attempts: int | None, first_failure_at: float | None) -> dict[str, object]:
+    """The fields recording a failed attempt; what is not given stays as it is."""
+    fields: dict[str, object] = {"last_error": error}
+    if attempts is not None:
+        fields["attempts"] = attempts
+    if first_failure_at is not None:
+        fields["first_failure_at"] = first_failure_at
+    return fields
+
+
 class Journal:
     """The durable state machine of every checkpoint of one state_dir."""
 
@@ -252,10 +268,7 @@ class Journal:
 
     def mark_hashed(self, row_id: int, now: float, *, md5s: Mapping[str, str], digest: str) -> Row:
         """`ready -> hashed`: every file's md5 and the content digest they make."""
-        return self._move(
-            row_id, "hashed", now, md5s=dict(md5s), digest=digest, attempts=0,
-            next_attempt_at=0, first_failure_at=None, last_error=None,
-        )  # fmt: skip
+        return self._move(row_id, "hashed", now, md5s=dict(md5s), digest=digest, **_NO_FAILURE)
 
     def retry_later(
         self,
@@ -268,20 +281,13 @@ class Journal:
         first_failure_at: float | None = None,
     ) -> None:
         """Keep the row in its state and try it again at `at`, recording why."""
-        fields: dict[str, object] = {"next_attempt_at": at, "last_error": error}
-        if attempts is not None:
-            fields["attempts"] = attempts
-        if first_failure_at is not None:
-            fields["first_failure_at"] = first_failure_at
-        self._move(row_id, None, now, **fields)
+        fields = _failure(error, attempts, first_failure_at)
+        self._move(row_id, None, now, next_attempt_at=at, **fields)
 
     def mark_upserted(self, row_id: int, now: float) -> Row:
         """`hashed -> upserted`: this host's part of a multi-host version landed at `now`;
         the version waits for the other hosts' parts and the finisher's commit."""
-        return self._move(
-            row_id, "upserted", now, part_at=now, attempts=0, next_attempt_at=0,
-            first_failure_at=None, last_error=None,
-        )  # fmt: skip
+        return self._move(row_id, "upserted", now, part_at=now, **_NO_FAILURE)
 
     def supersede(self, row_id: int, now: float, reason: str) -> None:
         """The row will never be published: replaced, deleted, or the same content as a
@@ -298,11 +304,7 @@ class Journal:
         first_failure_at: float | None = None,
     ) -> None:
         """The row ends `failed` with `error` (its snapshot is the caller's to keep or drop)."""
-        fields: dict[str, object] = {"last_error": error}
-        if attempts is not None:
-            fields["attempts"] = attempts
-        if first_failure_at is not None:
-            fields["first_failure_at"] = first_failure_at
+        fields = _failure(error, attempts, first_failure_at)
         self._move(row_id, "failed", now, **fields)
 
     def mark_aliased(self, row_id: int, now: float) -> Row:
